@@ -1,0 +1,1 @@
+"""Loaders and key maps for foreign checkpoint formats (fairseq, Hugging Face)."""

@@ -1,0 +1,1 @@
+"""Building blocks of wav2vec 2.0 / XLS-R, one job per file."""

@@ -1,0 +1,1 @@
+"""Pretraining: objective, data pipeline, training loop."""
