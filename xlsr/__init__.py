@@ -1,1 +1,16 @@
-"""xlsr: wav2vec 2.0 / XLS-R in pure PyTorch."""
+"""xlsr: wav2vec 2.0 / XLS-R in pure PyTorch, faithful to the original fairseq numbers."""
+
+from xlsr.config import PRESETS, Wav2Vec2Config
+from xlsr.model import FeatureOutput, PretrainingOutput, Wav2Vec2Model
+from xlsr.modules.masking import compute_mask_indices, sample_negatives
+
+__all__ = [
+    "PRESETS",
+    "Wav2Vec2Config",
+    "Wav2Vec2Model",
+    "FeatureOutput",
+    "PretrainingOutput",
+    "compute_mask_indices",
+    "sample_negatives",
+]
+__version__ = "0.1.0"

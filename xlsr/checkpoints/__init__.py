@@ -1,1 +1,93 @@
-"""Loaders and key maps for foreign checkpoint formats (fairseq, Hugging Face)."""
+"""Reading and writing checkpoints: our format, fairseq ``.pt`` files and Hugging Face directories.
+
+``load_pretrained`` detects the format, maps keys onto our modules and loads strictly: a missing or unexpected key,
+or a shape mismatch, is an error that names it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from xlsr.checkpoints.safe_pickle import CheckpointError
+from xlsr.config import Wav2Vec2Config
+
+__all__ = ["CheckpointError", "detect_format", "read_checkpoint", "load_pretrained", "load_state_dict_checked"]
+
+
+def detect_format(path: str | Path) -> str:
+    """'native', 'huggingface' or 'fairseq'."""
+    path = Path(path)
+    if path.is_dir():
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise CheckpointError(f"{path}: directory without config.json (expected our or a Hugging Face export)")
+        try:
+            model_type = json.loads(config_file.read_text()).get("model_type")
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{config_file}: invalid JSON ({err})") from None
+        if model_type == "xlsr-wav2vec2":
+            return "native"
+        if model_type == "wav2vec2":
+            return "huggingface"
+        raise CheckpointError(f"{config_file}: model_type {model_type!r} is not a wav2vec 2.0 model")
+    if path.is_file():
+        return "fairseq"
+    raise CheckpointError(f"{path}: no such file or directory")
+
+
+def read_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[Wav2Vec2Config, dict[str, torch.Tensor], dict]:
+    """Any supported format -> (config, state dict in our key names, info)."""
+    fmt = detect_format(path)
+    if fmt == "native":
+        from xlsr.checkpoints.native import read_native
+
+        return read_native(path)
+    if fmt == "huggingface":
+        from xlsr.checkpoints.huggingface import read_huggingface
+
+        return read_huggingface(path)
+    from xlsr.checkpoints.fairseq import read_fairseq_checkpoint
+
+    return read_fairseq_checkpoint(path, map_location)
+
+
+def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor], *, strict: bool = True,
+                            source: Any = "checkpoint", assign: bool = False) -> None:
+    """``load_state_dict`` with errors that name every missing/unexpected key and both shapes of a mismatch."""
+    expected = model.state_dict()
+    problems = []
+    for key, value in state_dict.items():
+        if key in expected and tuple(expected[key].shape) != tuple(value.shape):
+            problems.append(f"{key}: checkpoint has shape {tuple(value.shape)}, model expects {tuple(expected[key].shape)}")
+    if problems:
+        raise CheckpointError(f"{source}: shape mismatch:\n  " + "\n  ".join(problems))
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    if strict and (missing or unexpected):
+        lines = [f"missing key {k}" for k in missing] + [f"unexpected key {k}" for k in unexpected]
+        raise CheckpointError(f"{source}: state dict does not match the model (pass strict=False to load anyway):\n  "
+                              + "\n  ".join(lines))
+    model.load_state_dict(state_dict, strict=False, assign=assign)
+
+
+def load_pretrained(cls: type, path: str | Path, *, strict: bool = True, map_location: str = "cpu") -> nn.Module:
+    """Build ``cls(config)`` from a checkpoint of any supported format and load its weights."""
+    config, state_dict, info = read_checkpoint(path, map_location)
+    state_dict = {k: (v.float() if v.is_floating_point() else v) for k, v in state_dict.items()}
+    if strict:
+        # build without initialising, then adopt the checkpoint's tensors (no second copy of a large model)
+        with torch.device("meta"):
+            model = cls(config)
+        load_state_dict_checked(model, state_dict, strict=True, source=path, assign=True)
+    else:
+        model = cls(config)
+        load_state_dict_checked(model, state_dict, strict=False, source=path)
+    if "num_updates" in info:
+        model.set_num_updates(info["num_updates"])
+    model.checkpoint_info = info
+    return model.eval()

@@ -1,0 +1,90 @@
+"""Loading ``torch.save`` pickles without running code from them.
+
+``torch.load(weights_only=True)`` refuses any class it does not know. Official fairseq checkpoints carry a few:
+``argparse.Namespace`` (the ``args`` of wav2vec 2.0 base/large), numpy scalars in training metadata, and, in
+older ones, fairseq's own meter objects in ``extra_state``. We allow the harmless standard ones, and replace
+fairseq's classes by inert stand-ins (plain attribute bags: their data is kept, no fairseq code runs). Anything
+else is refused with the class named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+_INERT_PREFIXES = ("fairseq.", "omegaconf.")
+
+
+def _allowed_standard_globals() -> dict[str, Any]:
+    allowed: dict[str, Any] = {"argparse.Namespace": argparse.Namespace}
+    numpy_objects = [np.dtype, np.ndarray]
+    for qualname in ("numpy.core.multiarray.scalar", "numpy._core.multiarray.scalar",
+                     "numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct"):
+        module, _, name = qualname.rpartition(".")
+        try:
+            obj = getattr(__import__(module, fromlist=[name]), name)
+        except (ImportError, AttributeError):
+            continue
+        allowed[qualname] = obj
+    for obj in numpy_objects:
+        allowed[f"{obj.__module__}.{obj.__qualname__}"] = obj
+    for dtype_class in vars(np.dtypes).values():
+        if isinstance(dtype_class, type):
+            allowed[f"{dtype_class.__module__}.{dtype_class.__qualname__}"] = dtype_class
+    return allowed
+
+
+def _inert_class(qualified_name: str) -> type:
+    """A stand-in class that records pickled state and runs nothing."""
+    module, _, name = qualified_name.rpartition(".")
+
+    def __setstate__(self, state):  # noqa: N807
+        self.__dict__["_state"] = state
+
+    cls = type(name, (), {"__setstate__": __setstate__, "__repr__": lambda self: f"<inert {qualified_name}>"})
+    cls.__module__ = module
+    cls.__qualname__ = name
+    return cls
+
+
+class CheckpointError(ValueError):
+    """A file that is not a readable checkpoint of a supported kind (the message names the file)."""
+
+
+def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True, mmap=True)`` that also reads official fairseq checkpoints."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file, not a checkpoint")
+    is_zip = zipfile.is_zipfile(path)
+    if not is_zip:
+        with open(path, "rb") as handle:
+            head = handle.read(2)
+        if head[:1] != b"\x80":
+            raise CheckpointError(f"{path}: not a PyTorch checkpoint (neither a torch zip archive nor a pickle)")
+    try:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path)) if is_zip else []
+    except Exception as err:  # truncated or damaged archive
+        raise CheckpointError(f"{path}: damaged or truncated checkpoint ({err})") from None
+    standard = _allowed_standard_globals()
+    extra: list[Any] = []
+    for name in unsafe:
+        if name in standard:
+            extra.append(standard[name])
+        elif name.startswith(_INERT_PREFIXES):
+            extra.append(_inert_class(name))
+        else:
+            raise CheckpointError(f"{path}: refusing to unpickle {name!r} (code outside the checkpoint formats we read)")
+    try:
+        with torch.serialization.safe_globals(extra):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=is_zip)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from None
