@@ -1,0 +1,583 @@
+"""Pretraining data: manifests -> cropped waveforms -> length-bucketed batches.
+
+Modelled on fairseq's ``FileAudioDataset`` + ``ordered_indices`` / ``batch_by_size``, with
+three differences that matter for long runs:
+
+* every random choice (crop offsets, batch order, corpus resampling) comes from a numpy
+  Generator seeded by ``(seed, epoch, ...)``, so batches and crops do not depend on the number
+  of DataLoader workers, and a run resumed mid-epoch (``start_batch``) sees exactly the batches
+  it would have seen;
+* DDP sharding is done on whole batches, truncated so that every rank has the same count;
+* bad files are reported by path, and either skipped (``skip_bad``) or refused up front.
+
+Batch layout (:func:`collate`): ``{"id": (B,) int64, "source": (B, S) float32,
+"padding_mask": (B, S) bool (True = padding) or None}``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import math
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from xlsr.audio import AudioError, AudioWarning, audio_info, load_audio, normalize_waveform
+from xlsr.manifest import read_manifest
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DataConfig",
+    "BadFilesError",
+    "AudioDataset",
+    "collate",
+    "LengthBatchSampler",
+    "build_dataloader",
+    "set_loader_epoch",
+    "check_data_config",
+]
+
+# Per-file warnings at construction are capped per reason (a corpus can hold thousands of
+# too-short clips); the full list is always in ``AudioDataset.dropped``.
+MAX_FILES_WARNED = 100
+
+# Streams of the per-item Generator seeded with (seed, epoch, index, stream).
+_CROP_IN_ITEM = 0
+_CROP_IN_BATCH = 1
+
+
+@dataclass
+class DataConfig:
+    """Data options of pretraining (a hydra structured config: simple types only)."""
+
+    manifest: str = "???"  # train.tsv path; several comma-separated paths = several corpora
+    valid_manifest: Optional[str] = None
+    sampling_alpha: float = 1.0  # corpus probability ∝ (hours_i / hours)^alpha; 1.0 = natural
+    sample_rate: int = 16000
+    max_sample_size: int = 320000  # longer files are randomly cropped to this many samples
+    min_sample_size: int = 32000  # shorter files are dropped
+    max_tokens: int = 1_200_000  # samples per batch (items * longest cropped item)
+    pad: bool = False  # False: crop a batch to its shortest item; True: zero-pad to longest
+    normalize: Optional[bool] = None  # None: what the model asks for
+    num_workers: int = 2
+    skip_bad: bool = True  # True: skip unreadable files; False: check headers first, then fail
+    resample: bool = False  # resample other sample rates with soxr instead of failing
+    required_batch_size_multiple: int = 1
+
+
+def check_data_config(cfg: DataConfig) -> None:
+    """Raise ValueError for inconsistent sizes or out-of-range options."""
+    if cfg.min_sample_size < 0 or cfg.max_sample_size <= 0:
+        raise ValueError("data: min_sample_size must be >= 0 and max_sample_size > 0")
+    if cfg.min_sample_size > cfg.max_sample_size:
+        raise ValueError(f"data: min_sample_size ({cfg.min_sample_size}) > max_sample_size ({cfg.max_sample_size})")
+    if cfg.max_sample_size > cfg.max_tokens:
+        raise ValueError(
+            f"data: max_sample_size ({cfg.max_sample_size}) > max_tokens ({cfg.max_tokens}); "
+            "a single cropped item would not fit in a batch"
+        )
+    if cfg.sampling_alpha <= 0:
+        raise ValueError(f"data: sampling_alpha must be > 0, got {cfg.sampling_alpha}")
+    if cfg.required_batch_size_multiple < 1:
+        raise ValueError("data: required_batch_size_multiple must be >= 1")
+    if cfg.sample_rate <= 0:
+        raise ValueError("data: sample_rate must be > 0")
+
+
+class BadFilesError(AudioError):
+    """Several unusable files; ``bad_files`` lists ``(path, reason)``."""
+
+    def __init__(self, where: str, bad_files: Sequence[tuple[str, str]]):
+        self.bad_files = list(bad_files)
+        lines = "\n".join(f"  {path}: {reason}" for path, reason in self.bad_files)
+        super().__init__(where, f"{len(self.bad_files)} bad audio file(s):\n{lines}")
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.bad_files))
+
+
+class _StringTable:
+    """Many strings as one UTF-8 byte array + offsets: cheap to pickle to workers, and no
+    per-object refcounts that copy-on-write would duplicate in forked workers."""
+
+    def __init__(self, strings: Sequence[str]):
+        encoded = [s.encode("utf-8") for s in strings]
+        self._offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+        np.cumsum([len(b) for b in encoded], out=self._offsets[1:])
+        self._blob = np.frombuffer(b"".join(encoded), dtype=np.uint8).copy()
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return self._blob[self._offsets[i] : self._offsets[i + 1]].tobytes().decode("utf-8")
+
+    def subset(self, keep: np.ndarray) -> "_StringTable":
+        return _StringTable([self[int(i)] for i in keep])
+
+
+def _item_rng(seed: int, epoch: int, index: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, epoch, index, stream])
+
+
+def _random_crop(wav: torch.Tensor, length: int, rng: np.random.Generator) -> torch.Tensor:
+    """A random window of ``length`` samples of ``wav`` (S,), copied so it owns its memory."""
+    excess = wav.shape[0] - length
+    if excess <= 0:
+        return wav
+    offset = int(rng.integers(0, excess + 1))
+    return wav[offset : offset + length].clone()
+
+
+class AudioDataset(Dataset):
+    """Waveforms listed in one or more fairseq manifests (one manifest = one corpus).
+
+    Items shorter than ``min_sample_size`` and missing files are dropped at construction
+    (each named in an :class:`AudioWarning`, all kept in ``dropped``); with ``skip_bad=False``
+    missing files raise a :class:`BadFilesError` instead. ``validate()`` (run at construction
+    when ``check_headers``) reads every header and drops (``skip_bad``) or refuses, in one
+    :class:`BadFilesError` listing them all, the bad files (missing ones included).
+
+    With several corpora and ``sampling_alpha != 1``, each epoch resamples every corpus to
+    its share ∝ (n_i / N)^alpha, n_i being its total audio duration (as in XLS-R): a corpus
+    upsampled by 2.4 appears twice plus a random 40 % of it once more, one downsampled by 0.3
+    contributes a random 30 %. Indices ``i`` are positions in the current epoch.
+
+    ``__getitem__(i)`` returns ``{"id": i, "source": float32 (S,)}`` with S <= sizes[i], or
+    None for an unreadable file when ``skip_bad`` (counted in ``num_skipped``).
+    """
+
+    def __init__(
+        self,
+        manifests: str | Sequence[str],
+        *,
+        sample_rate: int = 16000,
+        min_sample_size: int = 0,
+        max_sample_size: Optional[int] = None,
+        pad: bool = False,
+        normalize: bool = False,
+        sampling_alpha: float = 1.0,
+        skip_bad: bool = True,
+        resample: bool = False,
+        check_headers: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+    ):
+        if isinstance(manifests, str):
+            manifests = [m.strip() for m in manifests.split(",") if m.strip()]
+        if not manifests:
+            raise ValueError("AudioDataset needs at least one manifest")
+        self.manifests = list(manifests)
+        self.sample_rate = sample_rate
+        self.min_sample_size = min_sample_size
+        self.max_sample_size = max_sample_size if max_sample_size is not None else np.iinfo(np.int64).max
+        self.pad = pad
+        self.normalize = normalize
+        self.sampling_alpha = sampling_alpha
+        self.skip_bad = skip_bad
+        self.resample = resample
+        self.seed = seed
+        self.epoch = epoch
+        self.dropped: list[tuple[str, str]] = []  # (path, reason) of every file left out
+        self._warned_bad: set[str] = set()
+        # Shared between DataLoader workers so the main process sees their skips.
+        self._skip_counter = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+        paths: list[str] = []
+        sizes: list[int] = []
+        corpus: list[int] = []
+        for corpus_id, manifest in enumerate(self.manifests):
+            root, entries = read_manifest(manifest)
+            too_short: list[tuple[str, str]] = []
+            missing: list[tuple[str, str]] = []
+            kept = 0
+            for rel_path, num_samples in entries:
+                path = os.path.join(root, rel_path)
+                if num_samples < min_sample_size:
+                    too_short.append((path, f"too short ({num_samples} samples < min_sample_size {min_sample_size})"))
+                elif not os.path.exists(path) and (skip_bad or not check_headers):
+                    missing.append((path, "file not found"))
+                else:  # (a missing file kept here is reported by validate() with the others)
+                    paths.append(path)
+                    sizes.append(num_samples)
+                    corpus.append(corpus_id)
+                    kept += 1
+            if missing and not skip_bad:
+                raise BadFilesError(manifest, missing)
+            self._drop_with_warnings(too_short)
+            self._drop_with_warnings(missing)
+            logger.info(
+                "%s: %d files kept, %d too short (< %d samples) dropped, %d missing dropped",
+                manifest,
+                kept,
+                len(too_short),
+                min_sample_size,
+                len(missing),
+            )
+            if kept == 0:
+                raise ValueError(
+                    f"{manifest}: no usable audio ({len(entries)} entries, {len(too_short)} too short, "
+                    f"{len(missing)} missing)"
+                )
+
+        self._paths = _StringTable(paths)
+        self._num_samples = np.asarray(sizes, dtype=np.int64)  # header length of each file
+        self._corpus = np.asarray(corpus, dtype=np.int32)
+        if check_headers:
+            self.validate()  # also calls set_epoch
+        else:
+            self.set_epoch(epoch)
+
+    # ----------------------------------------------------------------- epoch state
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select ``epoch``: redraws corpus resampling and crop offsets (deterministic)."""
+        self.epoch = epoch
+        self._index = self._epoch_index(epoch)
+        self.sizes = np.minimum(self._num_samples[self._index], self.max_sample_size)
+
+    def corpus_ratios(self) -> np.ndarray:
+        """Per corpus, how many times it is repeated per epoch (1.0 = natural share)."""
+        num_corpora = len(self.manifests)
+        durations = np.bincount(self._corpus, weights=self._num_samples, minlength=num_corpora)
+        if num_corpora == 1 or self.sampling_alpha == 1.0:
+            return np.ones(num_corpora)
+        share = durations / durations.sum()
+        target = share**self.sampling_alpha
+        target /= target.sum()
+        return target / share
+
+    def _epoch_index(self, epoch: int) -> np.ndarray:
+        ratios = self.corpus_ratios()
+        if np.all(ratios == 1.0):
+            return np.arange(len(self._num_samples), dtype=np.int64)
+        parts = []
+        for corpus_id, ratio in enumerate(ratios):
+            members = np.flatnonzero(self._corpus == corpus_id)
+            whole_copies = int(math.floor(ratio))
+            extra = int(round((ratio - whole_copies) * len(members)))
+            rng = np.random.default_rng([self.seed, epoch, corpus_id, 2])
+            parts.extend([members] * whole_copies)
+            parts.append(np.sort(rng.choice(members, size=extra, replace=False)))
+        return np.concatenate(parts).astype(np.int64)
+
+    def corpus_of(self, indices: np.ndarray | Sequence[int]) -> np.ndarray:
+        """Corpus number (position in ``manifests``) of dataset indices of this epoch."""
+        return self._corpus[self._index[np.asarray(indices, dtype=np.int64)]]
+
+    def path(self, i: int) -> str:
+        """File path of item ``i`` of this epoch."""
+        return self._paths[int(self._index[i])]
+
+    # ----------------------------------------------------------------- checks
+
+    def validate(self, num_threads: int = 16) -> list[tuple[str, str]]:
+        """Read every header; drop (``skip_bad``) or refuse (``BadFilesError``) bad files.
+
+        A file is bad if its header cannot be read, it has 0 samples, or its sample rate
+        differs from ``sample_rate`` while ``resample`` is off. Sizes are refreshed from the
+        headers (converted to ``sample_rate`` when resampling); files that become shorter than
+        ``min_sample_size`` are dropped as too short. Returns the bad ``(path, reason)`` list.
+        """
+        num_files = len(self._paths)
+        paths = [self._paths[i] for i in range(num_files)]
+
+        def check(path: str) -> tuple[Optional[int], Optional[str]]:
+            try:
+                frames, rate, _ = audio_info(path)
+            except AudioError as err:
+                return None, err.reason
+            if frames <= 0:
+                return None, "empty (0 samples)"
+            if rate != self.sample_rate:
+                if not self.resample:
+                    return None, f"sample rate is {rate} Hz, expected {self.sample_rate} Hz"
+                frames = int(round(frames * self.sample_rate / rate))
+            return frames, None
+
+        with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
+            results = list(pool.map(check, paths))
+
+        bad = [(path, reason) for path, (_, reason) in zip(paths, results) if reason is not None]
+        if bad and not self.skip_bad:
+            raise BadFilesError(", ".join(self.manifests), bad)
+        new_sizes = np.array([-1 if frames is None else frames for frames, _ in results], dtype=np.int64)
+        too_short = [
+            (path, f"too short ({n} samples < min_sample_size {self.min_sample_size})")
+            for path, n in zip(paths, new_sizes)
+            if 0 <= n < self.min_sample_size
+        ]
+        self._drop_with_warnings(bad)
+        self._drop_with_warnings(too_short)
+        keep = np.flatnonzero(new_sizes >= self.min_sample_size)
+        if len(keep) == 0:
+            raise ValueError(f"{', '.join(self.manifests)}: no usable audio left after checking headers")
+        if len(keep) < num_files:
+            self._paths = self._paths.subset(keep)
+            self._corpus = self._corpus[keep]
+        self._num_samples = new_sizes[keep]
+        self.set_epoch(self.epoch)
+        return bad
+
+    def _drop_with_warnings(self, dropped: list[tuple[str, str]]) -> None:
+        self.dropped.extend(dropped)
+        for path, reason in dropped[:MAX_FILES_WARNED]:
+            warnings.warn(f"{path}: {reason}; left out", AudioWarning, stacklevel=3)
+        if len(dropped) > MAX_FILES_WARNED:
+            warnings.warn(
+                f"... and {len(dropped) - MAX_FILES_WARNED} more files left out (all listed in AudioDataset.dropped)",
+                AudioWarning,
+                stacklevel=3,
+            )
+
+    @property
+    def num_skipped(self) -> int:
+        """Items skipped so far because their file could not be loaded (all workers)."""
+        return int(self._skip_counter.item())
+
+    # ----------------------------------------------------------------- items
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, i: int) -> Optional[dict]:
+        path = self.path(i)
+        try:
+            wav = torch.from_numpy(load_audio(path, self.sample_rate, resample=self.resample))
+        except AudioError as err:
+            if not self.skip_bad:
+                raise
+            self._skip_counter += 1
+            if path not in self._warned_bad:
+                self._warned_bad.add(path)
+                warnings.warn(f"{err}; skipped", AudioWarning, stacklevel=2)
+            return None
+        if self.normalize:  # over the whole utterance, before cropping, as fairseq
+            wav = normalize_waveform(wav)
+        # Crop to the size batching planned with, so a stale manifest cannot overfill a batch.
+        wav = _random_crop(wav, int(self.sizes[i]), _item_rng(self.seed, self.epoch, i, _CROP_IN_ITEM))
+        return {"id": i, "source": wav}
+
+    def collater(self, samples: list[Optional[dict]]) -> Optional[dict]:
+        """:func:`collate` with this dataset's ``pad``, seed and epoch."""
+        return collate(samples, self.pad, seed=self.seed, epoch=self.epoch)
+
+
+def collate(samples: list[Optional[dict]], pad: bool, *, seed: int = 0, epoch: int = 0) -> Optional[dict]:
+    """Stack items into a batch; None items (skipped files) are dropped.
+
+    ``pad=False`` randomly crops every item to the shortest one (offset seeded by
+    ``(seed, epoch, id)``); ``pad=True`` zero-pads to the longest.
+
+    Returns:
+        ``{"id": (B,) int64, "source": (B, S) float32, "padding_mask": (B, S) bool or None}``
+        (``True`` = padding), or None when no item is left.
+    """
+    samples = [s for s in samples if s is not None and s.get("source") is not None]
+    if not samples:
+        return None
+    lengths = [s["source"].shape[0] for s in samples]
+    target = max(lengths) if pad else min(lengths)
+    source = torch.zeros(len(samples), target, dtype=torch.float32)
+    padding_mask = torch.zeros(len(samples), target, dtype=torch.bool) if pad else None
+    for row, (sample, length) in enumerate(zip(samples, lengths)):
+        wav = sample["source"]
+        if length > target:
+            wav = _random_crop(wav, target, _item_rng(seed, epoch, int(sample["id"]), _CROP_IN_BATCH))
+        source[row, : wav.shape[0]] = wav
+        if padding_mask is not None:
+            padding_mask[row, length:] = True
+    ids = torch.tensor([int(s["id"]) for s in samples], dtype=torch.long)
+    return {"id": ids, "source": source, "padding_mask": padding_mask}
+
+
+class LengthBatchSampler(Sampler[list[int]]):
+    """Batches of similar-length items with ``len(batch) * max(sizes[batch]) <= max_tokens``.
+
+    As fairseq's ``ordered_indices`` + ``batch_by_size``: items are sorted by size (longest
+    first, ties in random order when shuffling), cut greedily into batches (sizes rounded down
+    to ``required_batch_size_multiple`` where possible), then the batch order is shuffled.
+    Everything is drawn from ``(seed, epoch)``, so all ranks build the same batch list; rank r
+    takes ``batches[r::num_replicas]`` after truncating to a multiple of ``num_replicas``.
+
+    Iteration yields this rank's batches from position ``start`` (set in the constructor or
+    ``set_epoch``, or passed to ``__iter__``) to resume an epoch exactly.
+    """
+
+    def __init__(
+        self,
+        sizes: Sequence[int] | np.ndarray,
+        max_tokens: int,
+        *,
+        num_replicas: int = 1,
+        rank: int = 0,
+        seed: int = 0,
+        epoch: int = 0,
+        shuffle: bool = True,
+        required_batch_size_multiple: int = 1,
+        start: int = 0,
+    ):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in [0, {num_replicas})")
+        if required_batch_size_multiple < 1:
+            raise ValueError("required_batch_size_multiple must be >= 1")
+        self.max_tokens = int(max_tokens)
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.shuffle = shuffle
+        self.required_batch_size_multiple = required_batch_size_multiple
+        self.set_epoch(epoch, sizes, start=start)
+
+    def set_epoch(self, epoch: int, sizes: Optional[Sequence[int] | np.ndarray] = None, start: int = 0) -> None:
+        """Select ``epoch`` (and the dataset's sizes for it, if they changed); iterate from ``start``."""
+        self.epoch = epoch
+        if sizes is not None:
+            self.sizes = np.asarray(sizes, dtype=np.int64)
+            too_long = np.flatnonzero(self.sizes > self.max_tokens)
+            if len(too_long):
+                raise ValueError(
+                    f"item {int(too_long[0])} has {int(self.sizes[too_long[0]])} samples, more than "
+                    f"max_tokens={self.max_tokens}; crop items (max_sample_size) or raise max_tokens"
+                )
+        self._rank_batches = self._build_rank_batches()
+        if not 0 <= start <= len(self._rank_batches):
+            raise ValueError(f"start={start} is outside this epoch's {len(self._rank_batches)} batches")
+        self.start = start
+
+    def global_batches(self) -> list[list[int]]:
+        """All batches of the epoch, in iteration order, before sharding across ranks."""
+        order = self._ordered_indices()
+        batches = self._batch_by_size(order)
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, self.epoch, 1])
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def _ordered_indices(self) -> np.ndarray:
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, self.epoch, 0])
+            tie_break = rng.permutation(len(self.sizes))
+            return np.lexsort((tie_break, self.sizes))[::-1]
+        return np.argsort(self.sizes, kind="stable")[::-1]
+
+    def _batch_by_size(self, order: np.ndarray) -> list[list[int]]:
+        multiple = self.required_batch_size_multiple
+        batches: list[list[int]] = []
+        batch: list[int] = []
+        batch_max = 0
+        sizes = self.sizes.tolist()  # plain ints: much faster to index in this loop
+        for idx in order.tolist():
+            size = sizes[idx]
+            longest = max(batch_max, size)
+            if batch and (len(batch) + 1) * longest > self.max_tokens:
+                keep = max(multiple * (len(batch) // multiple), len(batch) % multiple)
+                batches.append(batch[:keep])
+                batch = batch[keep:]
+                batch_max = max((sizes[j] for j in batch), default=0)
+                longest = max(batch_max, size)
+            batch.append(idx)
+            batch_max = longest
+        if batch:
+            batches.append(batch)
+        return batches
+
+    def _build_rank_batches(self) -> list[list[int]]:
+        batches = self.global_batches()
+        per_rank = len(batches) // self.num_replicas
+        if per_rank == 0 and batches:
+            logger.warning(
+                "only %d batch(es) for %d ranks: every rank gets none this epoch",
+                len(batches),
+                self.num_replicas,
+            )
+        return batches[self.rank : per_rank * self.num_replicas : self.num_replicas]
+
+    @property
+    def total_batches(self) -> int:
+        """Batches of this rank in the whole epoch (ignoring ``start``)."""
+        return len(self._rank_batches)
+
+    def __len__(self) -> int:
+        return len(self._rank_batches) - self.start
+
+    def __iter__(self, start: Optional[int] = None) -> Iterator[list[int]]:
+        start = self.start if start is None else start
+        for batch in self._rank_batches[start:]:
+            yield list(batch)
+
+
+def build_dataloader(
+    cfg: DataConfig,
+    manifest: str,
+    *,
+    normalize: bool,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    start_batch: int = 0,
+    shuffle: bool = True,
+) -> DataLoader:
+    """DataLoader over ``manifest`` (comma-separated = several corpora) for one rank.
+
+    ``normalize`` is the model's choice, overridden by ``cfg.normalize`` when set. Corpus
+    resampling (``cfg.sampling_alpha``) applies only when ``shuffle`` (training). With
+    ``cfg.skip_bad=False`` every header is checked first and bad files raise one
+    :class:`BadFilesError`. Batches can be None when every file of a batch failed to load.
+    Use :func:`set_loader_epoch` for later epochs; ``loader.dataset.num_skipped`` counts skips.
+    """
+    check_data_config(cfg)
+    if cfg.normalize is not None and cfg.normalize != normalize:
+        logger.warning(
+            "data.normalize=%s overrides the model's normalize=%s; the model was built for the latter",
+            cfg.normalize,
+            normalize,
+        )
+    dataset = AudioDataset(
+        manifest,
+        sample_rate=cfg.sample_rate,
+        min_sample_size=cfg.min_sample_size,
+        max_sample_size=cfg.max_sample_size,
+        pad=cfg.pad,
+        normalize=normalize if cfg.normalize is None else cfg.normalize,
+        sampling_alpha=cfg.sampling_alpha if shuffle else 1.0,
+        skip_bad=cfg.skip_bad,
+        resample=cfg.resample,
+        check_headers=not cfg.skip_bad,
+        seed=seed,
+        epoch=epoch,
+    )
+    sampler = LengthBatchSampler(
+        dataset.sizes,
+        cfg.max_tokens,
+        num_replicas=world_size,
+        rank=rank,
+        seed=seed,
+        epoch=epoch,
+        shuffle=shuffle,
+        required_batch_size_multiple=cfg.required_batch_size_multiple,
+        start=start_batch,
+    )
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=dataset.collater,
+        num_workers=cfg.num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> None:
+    """Move a loader from :func:`build_dataloader` to ``epoch``, iterating from ``start_batch``."""
+    dataset: AudioDataset = loader.dataset
+    sampler: LengthBatchSampler = loader.batch_sampler
+    dataset.set_epoch(epoch)
+    sampler.set_epoch(epoch, dataset.sizes, start=start_batch)
