@@ -180,3 +180,73 @@ def test_init_from_continues_pretraining(corpus, tmp_path):
     out = tmp_path / "cont"
     run_in_process(compose_config(overrides(corpus, out, f"model.init_from={checkpoint}", "optim.max_update=3")))
     assert len(train_losses(out)) == 3
+
+
+def test_training_checkpoint_loads_with_from_pretrained(corpus, tmp_path):
+    trainer = run_in_process(compose_config(overrides(corpus, tmp_path / "ck", "optim.max_update=2")))
+    model = xlsr.Wav2Vec2Model.from_pretrained(tmp_path / "ck" / "checkpoints" / "checkpoint_2.pt")
+    for key, value in trainer.model.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key
+    assert model.quantizer.curr_temp == trainer.model.quantizer.curr_temp
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs(corpus, tmp_path, precision):
+    out = tmp_path / precision
+    run_in_process(compose_config(overrides(corpus, out, "optim.max_update=3", f"precision={precision}")))
+    records = [r for r in read_metrics(out) if r["split"] == "train"]
+    assert all(np.isfinite(r["loss"]) for r in records)
+    if precision == "fp16":
+        assert records[0]["loss_scale"] > 1  # the scaler is active
+
+
+def test_validation_is_logged(corpus, tmp_path):
+    out = tmp_path / "val"
+    run_in_process(compose_config(overrides(corpus, out, "optim.max_update=4", f"data.valid_manifest={corpus}",
+                                            "validate_interval_updates=2")))
+    valid = [r for r in read_metrics(out) if r["split"] == "valid"]
+    assert [r["update"] for r in valid] == [2, 4]
+    assert valid[0]["loss"] > 0 and 0 <= valid[0]["accuracy"] <= 1
+
+
+def test_polynomial_decay_schedule():
+    from xlsr.pretrain.config import OptimConfig
+    from xlsr.pretrain.trainer import polynomial_decay_lr
+
+    cfg = OptimConfig(lr=6e-4, warmup_updates=100, max_update=1100, end_lr=0.0, power=1.0)
+    assert polynomial_decay_lr(0, cfg) == 0.0
+    assert polynomial_decay_lr(50, cfg) == pytest.approx(3e-4)
+    assert polynomial_decay_lr(100, cfg) == pytest.approx(6e-4)
+    assert polynomial_decay_lr(600, cfg) == pytest.approx(3e-4)
+    assert polynomial_decay_lr(1100, cfg) == 0.0 and polynomial_decay_lr(5000, cfg) == 0.0
+
+
+def test_typo_in_config_is_an_error(corpus, tmp_path):
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="optim.lrr"):
+        compose_config(overrides(corpus, tmp_path, "optim.lrr=1e-3"))
+
+
+def test_bad_file_in_manifest_is_skipped_and_counted(corpus, tmp_path, caplog):
+    root = tmp_path / "bad"
+    root.mkdir()
+    lines = corpus.read_text().splitlines()
+    source_root = Path(lines[0])
+    for line in lines[1:]:
+        name = line.split("\t")[0]
+        (root / name).symlink_to(source_root / name)
+    (root / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot really audio" * 2000)
+    manifest = root / "train.tsv"
+    manifest.write_text("\n".join([str(root), *lines[1:], "broken.wav\t40000"]) + "\n")
+    out = tmp_path / "run"
+    from xlsr.audio import AudioWarning
+
+    caplog.set_level("INFO", logger="xlsr.pretrain")
+    with pytest.warns(AudioWarning, match="broken.wav: cannot decode"):
+        trainer = run_in_process(compose_config(overrides(corpus, out, f"data.manifest={manifest}", "max_epoch=1",
+                                                          "optim.max_update=1000")))
+    assert trainer.train_loader.dataset.num_skipped == 1
+    assert any("1 unreadable files skipped" in r.getMessage() for r in caplog.records)
+    good_items = sum(len(b["id"]) for b in trainer.train_loader if b is not None)
+    assert good_items == len(lines) - 1  # every good file is still trained on

@@ -20,7 +20,7 @@ __all__ = ["CheckpointError", "detect_format", "read_checkpoint", "load_pretrain
 
 
 def detect_format(path: str | Path) -> str:
-    """'native', 'huggingface' or 'fairseq'."""
+    """'native' or 'huggingface' (directories), 'fairseq' (a ``.pt`` file: fairseq's or our training checkpoint)."""
     path = Path(path)
     if path.is_dir():
         config_file = path / "config.json"
@@ -52,8 +52,13 @@ def read_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[Wav2Ve
 
         return read_huggingface(path)
     from xlsr.checkpoints.fairseq import read_fairseq_checkpoint
+    from xlsr.checkpoints.native import TRAINING_CHECKPOINT_MARK, read_training_checkpoint
+    from xlsr.checkpoints.safe_pickle import safe_torch_load
 
-    return read_fairseq_checkpoint(path, map_location)
+    checkpoint = safe_torch_load(path, map_location)
+    if isinstance(checkpoint, dict) and TRAINING_CHECKPOINT_MARK in checkpoint:
+        return read_training_checkpoint(checkpoint, path)
+    return read_fairseq_checkpoint(checkpoint, path)
 
 
 def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor], *, strict: bool = True,

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from xlsr.checkpoints.keymap import fuse_qkv, rename, split_qkv
-from xlsr.checkpoints.safe_pickle import CheckpointError, safe_torch_load
+from xlsr.checkpoints.safe_pickle import CheckpointError
 from xlsr.config import Wav2Vec2Config, parse_conv_layers
 
 logger = logging.getLogger(__name__)
@@ -127,13 +127,12 @@ def config_from_fairseq(model_cfg: dict[str, Any], task_cfg: dict[str, Any]) -> 
     return Wav2Vec2Config(**values)
 
 
-def read_fairseq_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[Wav2Vec2Config, dict, dict]:
-    """Read a fairseq ``.pt`` -> (config, our state dict, info).
+def read_fairseq_checkpoint(checkpoint: Any, path: str | Path) -> tuple[Wav2Vec2Config, dict, dict]:
+    """An unpickled fairseq ``.pt`` (read from ``path``) -> (config, our state dict, info).
 
     The cfg may be a plain dict (``cfg``, fairseq >= 0.10) or an argparse Namespace (``args``, older
     wav2vec 2.0 releases). info: num_updates and the criterion's loss weights where present.
     """
-    checkpoint = safe_torch_load(path, map_location)
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise CheckpointError(f"{path}: not a fairseq checkpoint (no 'model' entry)")
     cfg = checkpoint.get("cfg")

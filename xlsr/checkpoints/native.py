@@ -13,6 +13,7 @@ from xlsr.checkpoints.safe_pickle import CheckpointError
 from xlsr.config import Wav2Vec2Config
 
 MODEL_TYPE = "xlsr-wav2vec2"
+TRAINING_CHECKPOINT_MARK = "xlsr_training_checkpoint"  # key present in the .pt files python -m xlsr.pretrain writes
 WEIGHTS_NAME = "model.safetensors"
 
 
@@ -44,3 +45,13 @@ def read_native(path: str | Path) -> tuple[Wav2Vec2Config, dict[str, torch.Tenso
     except Exception as err:  # safetensors raises its own error types for damaged files
         raise CheckpointError(f"{weights}: cannot read ({err})") from None
     return config, state_dict, {"format": "native"}
+
+
+def read_training_checkpoint(checkpoint: dict, path: str | Path) -> tuple[Wav2Vec2Config, dict[str, torch.Tensor], dict]:
+    """A checkpoint written by ``python -m xlsr.pretrain`` -> (config, state dict, info)."""
+    try:
+        config = Wav2Vec2Config.from_dict(checkpoint["model_config"])
+        state_dict = checkpoint["model"]
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: damaged training checkpoint ({err})") from None
+    return config, state_dict, {"format": "xlsr-training", "num_updates": int(checkpoint.get("num_updates", 0))}

@@ -75,11 +75,11 @@ def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as err:  # truncated or damaged archive
         raise CheckpointError(f"{path}: damaged or truncated checkpoint ({err})") from None
     standard = _allowed_standard_globals()
-    extra: list[Any] = []
+    extra: list[Any] = list(standard.values())
     for name in unsafe:
         if name in standard:
-            extra.append(standard[name])
-        elif name.startswith(_INERT_PREFIXES):
+            continue
+        if name.startswith(_INERT_PREFIXES):
             extra.append(_inert_class(name))
         else:
             raise CheckpointError(f"{path}: refusing to unpickle {name!r} (code outside the checkpoint formats we read)")

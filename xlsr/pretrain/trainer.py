@@ -25,6 +25,8 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
+from xlsr.checkpoints.native import TRAINING_CHECKPOINT_MARK
+from xlsr.checkpoints.safe_pickle import safe_torch_load
 from xlsr.config import Wav2Vec2Config
 from xlsr.model import Wav2Vec2Model
 from xlsr.pretrain import checkpointing
@@ -153,7 +155,7 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {
-            "xlsr_training_checkpoint": 1,
+            TRAINING_CHECKPOINT_MARK: 1,
             "model": self.model.state_dict(),
             "model_config": self.model_cfg.to_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -193,7 +195,7 @@ class Trainer:
             path = found[-1]
         else:
             path = Path(choice)
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = safe_torch_load(path)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
