@@ -32,7 +32,7 @@ def test_criterion_matches_fairseq(golden):
     assert close(loss.total, expected["loss"])
     assert close(loss.contrastive, expected["contrastive_loss"])
     assert close(loss.diversity, expected["diversity"])
-    assert close(loss.features_pen, expected["features_pen"])
+    assert close(loss.features_penalty, expected["features_pen"])
     assert loss.sample_size == expected["sample_size"]
     assert loss.correct == expected["correct"]
     assert loss.count == expected["count"]

@@ -14,10 +14,10 @@ from xlsr.model import PretrainingOutput
 class LossOutput:
     """Loss terms as fairseq's ``Wav2vecCriterion`` computes them (sums over masked frames, not means)."""
 
-    total: torch.Tensor  # () contrastive + w0 * diversity * sample_size + w1 * features_pen * sample_size
+    total: torch.Tensor  # () contrastive + w0 * diversity * sample_size + w1 * features_penalty * sample_size
     contrastive: torch.Tensor  # () cross-entropy summed over masked frames ("loss_0")
     diversity: torch.Tensor  # () (num_vars - prob_perplexity) / num_vars, unweighted
-    features_pen: torch.Tensor  # () mean squared conv feature, unweighted
+    features_penalty: torch.Tensor  # () mean squared conv feature, unweighted
     sample_size: int  # number of masked frames
     correct: int  # positives ranked first (ties where every logit is equal don't count)
     count: int  # rows scored
@@ -51,7 +51,7 @@ def compute_loss(out: PretrainingOutput, loss_weights: tuple[float, float] = (0.
         total=total,
         contrastive=contrastive,
         diversity=diversity,
-        features_pen=features_pen,
+        features_penalty=features_pen,
         sample_size=sample_size,
         correct=correct,
         count=logits.shape[0],

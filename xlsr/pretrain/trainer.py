@@ -390,7 +390,7 @@ class _Totals:
         v["loss"] += weight * float(loss.total.detach())
         v["loss_0"] += weight * float(loss.contrastive.detach())
         v["loss_1"] += weight * self.loss_weights[0] * float(loss.diversity.detach()) * loss.sample_size
-        v["loss_2"] += weight * self.loss_weights[1] * float(loss.features_pen.detach()) * loss.sample_size
+        v["loss_2"] += weight * self.loss_weights[1] * float(loss.features_penalty.detach()) * loss.sample_size
         v["sample_size"] += weight * loss.sample_size
         v["correct"] += weight * loss.correct
         v["count"] += weight * loss.count
