@@ -233,7 +233,8 @@ class Trainer:
         if self.is_main and cfg.progress_bar:
             from tqdm import tqdm
 
-            progress = tqdm(total=cfg.optim.max_update, initial=self.num_updates, unit="upd", dynamic_ncols=True)
+            total = cfg.stop_at_update or (None if cfg.max_time_minutes else cfg.optim.max_update)
+            progress = tqdm(total=total, initial=self.num_updates, unit="upd", dynamic_ncols=True)
         last = {}
         stop = self.num_updates >= cfg.optim.max_update or 0 < cfg.stop_at_update <= self.num_updates
         while not stop:
