@@ -81,12 +81,12 @@ class Wav2Vec2Model(nn.Module):
 
     # ------------------------------------------------------------------ shared front end
     def _conv_features(self, source: torch.Tensor) -> torch.Tensor:
-        """(B, S) -> (B, C, T) with the original's feature_grad_mult (0 = frozen conv stack)."""
+        """(B, S) -> (B, T, C) with the original's feature_grad_mult (0 = frozen conv stack)."""
         mult = self.cfg.feature_grad_mult
         if mult <= 0:
             with torch.no_grad():
-                return self.feature_extractor(source)
-        features = self.feature_extractor(source)
+                return self.feature_extractor.forward_frames(source)
+        features = self.feature_extractor.forward_frames(source)
         if mult != 1.0 and features.requires_grad:
             features = GradMultiply.apply(features, mult)
         return features
@@ -134,7 +134,7 @@ class Wav2Vec2Model(nn.Module):
         """
         self._check_source(source, padding_mask)
         conv = self._conv_features(source)
-        features, x = self.feature_projection(conv.transpose(1, 2))
+        features, x = self.feature_projection(conv)
         frame_padding = self.frame_padding_mask(padding_mask, features.shape[1])
         features = self.dropout_features(features)
         x = self.dropout_input(x)
@@ -160,7 +160,7 @@ class Wav2Vec2Model(nn.Module):
         self._check_source(source, padding_mask)
         conv = self._conv_features(source)
         features_pen = conv.float().pow(2).mean()
-        features, x = self.feature_projection(conv.transpose(1, 2))
+        features, x = self.feature_projection(conv)
         batch, time, _ = features.shape
         frame_padding = self.frame_padding_mask(padding_mask, time)
         targets_in = self.dropout_features(features)

@@ -1,0 +1,126 @@
+"""Fast paths against the plain computations they replace: same numbers up to float rounding, same gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import xlsr
+from xlsr.modules.feature_encoder import FeatureEncoder, strided_conv
+
+
+def grads(params):
+    return [p.grad.clone() for p in params]
+
+
+def assert_close_list(ours, theirs, rtol=1e-5, atol=1e-5):
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+def rel(a, b):
+    """Relative error of a against b, in norm (for sums over many rows, where single entries may cancel)."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# ------------------------------------------------------------------------------------------------ conv stack
+@pytest.mark.parametrize(
+    "in_dim,kernel,stride,bias",
+    [(1, 10, 5, True), (8, 3, 2, True), (8, 3, 2, False), (8, 2, 2, True), (4, 5, 2, True), (3, 4, 4, True)],
+)
+def test_strided_conv_matches_conv1d(in_dim, kernel, stride, bias):
+    gen = torch.Generator().manual_seed(0)
+    rows = 10 * stride
+    x = torch.randn(rows, in_dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(6, in_dim, kernel, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, generator=gen, dtype=torch.float64, requires_grad=True) if bias else None
+    params = [x, weight] + ([b] if bias else [])
+
+    out = strided_conv(x, weight, b, stride)  # (rows // stride, 6)
+    ref = F.conv1d(x.t()[None], weight, b, stride=stride)[0].t()  # (valid, 6)
+    valid = ref.shape[0]
+    assert out.shape == (rows // stride, 6)
+    torch.testing.assert_close(out[:valid], ref)
+    assert torch.equal(out[valid:], torch.zeros_like(out[valid:]))  # windows past the end: zero rows
+
+    upstream = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    upstream[valid:] = 0  # as in the encoder, nothing reads the rows past the end
+    (out * upstream).sum().backward()
+    ours = grads(params)
+    for p in params:
+        p.grad = None
+    (ref * upstream[:valid]).sum().backward()
+    assert_close_list(ours, grads(params), rtol=1e-10, atol=1e-10)
+
+
+def test_strided_conv_gradcheck():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: strided_conv(*a, 2)[:5], (x, weight, b))
+
+
+def layer_norm_encoder(seed=0):
+    torch.manual_seed(seed)
+    cfg = xlsr.Wav2Vec2Config.from_preset("tiny")
+    encoder = FeatureEncoder(cfg.conv_layers, cfg.extractor_mode, cfg.conv_bias)
+    for layer in encoder.conv_layers:  # non-trivial norm parameters and biases
+        torch.nn.init.normal_(layer.conv.bias, std=0.1)
+        torch.nn.init.normal_(layer.norm.weight, 1.0, 0.1)
+        torch.nn.init.normal_(layer.norm.bias, 0.0, 0.1)
+    return encoder
+
+
+def run_encoder(encoder, source, channels_last, upstream=None, autocast=False):
+    encoder.channels_last = channels_last
+    encoder.zero_grad(set_to_none=True)
+    source = source.detach().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = encoder.forward_frames(source)
+    if upstream is None:
+        upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    (out.float() * upstream).sum().backward()
+    return out.detach().float(), [source.grad] + grads(encoder.parameters()), upstream
+
+
+@pytest.mark.parametrize("samples", [3200, 4321])  # 4321: not a multiple of the total stride (padding inside)
+def test_channels_last_encoder_matches_conv1d(samples):
+    encoder = layer_norm_encoder()
+    source = torch.randn(3, samples, generator=torch.Generator().manual_seed(3))
+    plain, plain_grads, upstream = run_encoder(encoder, source, channels_last=False)
+    fast, fast_grads, _ = run_encoder(encoder, source, channels_last=True, upstream=upstream)
+    assert fast.shape == plain.shape == (3, int(encoder.output_lengths(torch.tensor(samples))), 64)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    for ours, theirs in zip(fast_grads, plain_grads):
+        assert rel(ours, theirs) < 1e-5
+    assert torch.equal(encoder(source), encoder.forward_frames(source).transpose(1, 2))  # (B, C, T) API
+
+
+def test_channels_last_encoder_bf16_autocast_matches_conv1d():
+    encoder = layer_norm_encoder()
+    source = torch.randn(2, 4000, generator=torch.Generator().manual_seed(4))
+    reference, reference_grads, upstream = run_encoder(encoder, source, channels_last=False)  # fp32
+    plain, plain_grads, _ = run_encoder(encoder, source, False, upstream, autocast=True)
+    fast, fast_grads, _ = run_encoder(encoder, source, True, upstream, autocast=True)
+
+    assert rel(fast, reference) < 2 * rel(plain, reference) + 1e-3
+    for ours, theirs, ref in zip(fast_grads, plain_grads, reference_grads):  # no worse than the bf16 conv1d path
+        assert rel(ours, ref) < 1.5 * rel(theirs, ref) + 1e-3
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # inference: mixed-dtype layer norm
+        encoder.channels_last = True
+        fast_infer = encoder.forward_frames(source)
+        encoder.channels_last = False
+        plain_infer = encoder.forward_frames(source)
+    assert fast_infer.dtype == plain_infer.dtype == torch.bfloat16
+    torch.testing.assert_close(fast_infer.float(), plain_infer.float(), rtol=0.02, atol=0.05)
+
+
+def test_group_norm_encoder_keeps_conv1d_path():
+    cfg = xlsr.Wav2Vec2Config.from_preset("base")
+    encoder = FeatureEncoder(cfg.conv_layers[:2], cfg.extractor_mode, cfg.conv_bias)
+    source = torch.randn(2, 800)
+    encoder.channels_last = True  # ignored: the channels-last path is for layer_norm mode only
+    out = encoder.forward_frames(source)
+    ref = encoder.conv_layers[1](encoder.conv_layers[0](source[:, None])).transpose(1, 2)
+    assert torch.equal(out, ref)
