@@ -124,3 +124,62 @@ def test_group_norm_encoder_keeps_conv1d_path():
     out = encoder.forward_frames(source)
     ref = encoder.conv_layers[1](encoder.conv_layers[0](source[:, None])).transpose(1, 2)
     assert torch.equal(out, ref)
+
+
+# ------------------------------------------------------------------------------------------------ contrastive logits
+def logits_case(counts, cross=False, seed=0, dim=16, negatives=7):
+    """Masked-frame rows grouped by utterance (``counts`` per utterance), negatives drawn within the utterance
+    (or anywhere when ``cross``), with a few duplicated target rows so that some negatives equal their positive."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = sum(counts)
+    group = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    starts = torch.tensor([0] + counts[:-1]).cumsum(0)
+    context = torch.randn(rows, dim, generator=gen, dtype=torch.float64)
+    targets = torch.randn(rows, dim, generator=gen, dtype=torch.float64)
+    targets[1] = targets[0]  # same code twice: a negative equal to the positive gets -inf
+    targets[3] = -0.0 * targets[2].abs() if counts[0] > 3 else targets[3]
+    targets[2] = 0.0 * targets[2].abs()  # +0.0 and -0.0 rows are equal under ==
+    if cross:
+        index = torch.randint(0, rows, (rows, negatives), generator=gen)
+    else:
+        sizes = torch.tensor(counts)[group]
+        index = (torch.rand(rows, negatives, generator=gen) * sizes[:, None]).long() + starts[group][:, None]
+    index[0, 0], index[1, 0] = 1, 0
+    return context.requires_grad_(), targets.requires_grad_(), index, group
+
+
+@pytest.mark.parametrize("counts,cross", [([6, 6, 6], False), ([5, 9, 1, 4], False), ([5, 9, 4], True)])
+def test_indexed_contrastive_logits_match_gathered_cosines(counts, cross):
+    from xlsr.model import contrastive_logits, indexed_contrastive_logits
+
+    context, targets, index, group = logits_case(counts, cross)
+    for groups in (group, None):
+        ours = indexed_contrastive_logits(context, targets, index, 0.1, groups)
+        reference = contrastive_logits(context, targets, targets[index], 0.1)
+        assert ours.dtype == torch.float32
+        assert torch.equal(torch.isinf(ours), torch.isinf(reference))
+        assert int(torch.isinf(ours).sum()) >= 2 + (counts[0] > 3)
+        finite = torch.isfinite(reference)
+        torch.testing.assert_close(ours[finite], reference[finite], rtol=1e-6, atol=1e-6)
+
+        upstream = torch.randn(ours.shape, generator=torch.Generator().manual_seed(5)).masked_fill(~finite, 0)
+        (torch.where(finite, ours, 0) * upstream).sum().backward()
+        ours_grads = grads([context, targets])
+        context.grad = targets.grad = None
+        (torch.where(finite, reference, 0) * upstream).sum().backward()
+        assert_close_list(ours_grads, grads([context, targets]), rtol=1e-5, atol=1e-6)
+        context.grad = targets.grad = None
+
+
+def test_indexed_contrastive_logits_are_fp32_under_autocast():
+    from xlsr.model import contrastive_logits, indexed_contrastive_logits
+
+    context, targets, index, group = logits_case([8, 8])
+    context, targets = context.detach().bfloat16(), targets.detach().bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = indexed_contrastive_logits(context, targets, index, 0.1, group)
+        reference = contrastive_logits(context, targets, targets[index], 0.1)
+    assert ours.dtype == reference.dtype == torch.float32
+    finite = torch.isfinite(reference)
+    assert torch.equal(finite, torch.isfinite(ours))
+    torch.testing.assert_close(ours[finite], reference[finite], rtol=1e-5, atol=1e-5)
