@@ -183,3 +183,18 @@ def test_indexed_contrastive_logits_are_fp32_under_autocast():
     finite = torch.isfinite(reference)
     assert torch.equal(finite, torch.isfinite(ours))
     torch.testing.assert_close(ours[finite], reference[finite], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ fp32 GELU
+def test_half_precision_gelu_equals_float32_round_trip():
+    from xlsr.modules.transformer import gelu_fp32
+
+    x = (torch.randn(65536, generator=torch.Generator().manual_seed(0)) * 4).bfloat16().requires_grad_()
+    x32 = x.detach().clone().requires_grad_()
+    ours = gelu_fp32(x)
+    reference = F.gelu(x32.float()).bfloat16()  # the original: float32 GELU, rounded once
+    assert ours.dtype == torch.bfloat16 and torch.equal(ours, reference)
+    upstream = torch.randn(65536, generator=torch.Generator().manual_seed(1)).bfloat16()
+    ours.backward(upstream)
+    reference.backward(upstream)
+    assert torch.equal(x.grad, x32.grad)

@@ -38,6 +38,17 @@ class SelfAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(batch, time, dim))
 
 
+def gelu_fp32(x: torch.Tensor) -> torch.Tensor:
+    """GELU computed in float32, result in x's dtype (fairseq's ``gelu``).
+
+    The bf16/fp16 GELU kernels of the CPU and CUDA backends already compute in float32 and round once (forward and
+    backward), so they get the half-precision tensor directly: same numbers, no float32 copy of (B, T, F).
+    """
+    if x.dtype in (torch.bfloat16, torch.float16) and x.device.type in ("cpu", "cuda"):
+        return F.gelu(x)
+    return F.gelu(x.float()).type_as(x)
+
+
 class FeedForward(nn.Module):
     """Linear -> GELU (in float32, as the original) -> dropout -> Linear.  (B, T, D) -> (B, T, D)."""
 
@@ -49,7 +60,7 @@ class FeedForward(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.fc1(x)
-        hidden = F.gelu(hidden.float()).type_as(hidden)
+        hidden = gelu_fp32(hidden)
         return self.fc2(self.activation_dropout(hidden))
 
 
