@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import statistics
 from pathlib import Path
 
@@ -21,24 +22,19 @@ from xlsr.pretrain.demo_corpus import build_demo_corpus
 logger = logging.getLogger("xlsr.pretrain.demo")
 
 
-def summarize(metrics_file: Path, window: int = 10) -> dict[str, float]:
-    """Mean loss / code perplexity / accuracy over the first and the last ``window`` logged train updates."""
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-    train = [r for r in records if r["split"] == "train"]
-    first, last = train[:window], train[-window:]
-
-    def mean(rows, key):
-        return statistics.fmean(r[key] for r in rows)
-
-    return {
-        "updates": train[-1]["update"],
-        "loss_first": mean(first, "loss"),
-        "loss_last": mean(last, "loss"),
-        "code_ppl_first": mean(first, "code_perplexity"),
-        "code_ppl_last": mean(last, "code_perplexity"),
-        "accuracy_first": mean(first, "accuracy"),
-        "accuracy_last": mean(last, "accuracy"),
-    }
+def learning_curve(metrics_file: Path, points: int = 8) -> list[dict[str, float]]:
+    """The logged train updates split into ``points`` consecutive windows, each averaged."""
+    train = [json.loads(line) for line in metrics_file.read_text().splitlines()]
+    train = [r for r in train if r["split"] == "train"]
+    size = max(1, len(train) // points)
+    windows = [train[i : i + size] for i in range(0, len(train), size)][:points]
+    return [
+        {
+            "updates": f"{w[0]['update']}-{w[-1]['update']}",
+            **{key: statistics.fmean(r[key] for r in w) for key in ("loss", "code_perplexity", "accuracy")},
+        }
+        for w in windows
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             f"max_time_minutes={args.minutes}",
             "optim.max_update=100000",  # the time budget ends the run; the schedule decays over a long horizon
             "optim.warmup_updates=100",
+            "optim.lr=0.005",
+            "data.max_tokens=160000",  # 10 s of audio per update: more updates in the time budget
             "log_interval=10",
             "validate_interval_updates=250",
             "max_valid_batches=10",
@@ -74,13 +72,15 @@ def main(argv: list[str] | None = None) -> int:
 
     trainer = Trainer(cfg)
     trainer.train()
-    summary = summarize(trainer.output_dir / "metrics.jsonl")
+    curve = learning_curve(trainer.output_dir / "metrics.jsonl")
     out = trainer.output_dir.resolve()
     print()
-    print(f"pretrained the tiny model for {summary['updates']} updates on {corpus}")
-    print(f"  loss (bits)      first 10 logs {summary['loss_first']:.3f}  ->  last 10 logs {summary['loss_last']:.3f}")
-    print(f"  code perplexity  first 10 logs {summary['code_ppl_first']:.1f}  ->  last 10 logs {summary['code_ppl_last']:.1f}")
-    print(f"  accuracy         first 10 logs {summary['accuracy_first']:.3f}  ->  last 10 logs {summary['accuracy_last']:.3f}")
+    print(f"pretrained the tiny model for {trainer.num_updates} updates on {corpus}")
+    print(f"chance level: loss {math.log2(1 + trainer.model_cfg.num_negatives):.3f} bits, "
+          f"accuracy {1 / (1 + trainer.model_cfg.num_negatives):.3f}")
+    print(f"{'updates':>12}  {'loss (bits)':>11}  {'code ppl':>8}  {'accuracy':>8}")
+    for row in curve:
+        print(f"{row['updates']:>12}  {row['loss']:>11.3f}  {row['code_perplexity']:>8.1f}  {row['accuracy']:>8.3f}")
     print(f"  checkpoints: {out / cfg.checkpoint.dir}")
     print(f"  final model (Wav2Vec2Model.from_pretrained): {out / 'model'}")
     print(f"  metrics (JSONL, one line per logged update): {out / 'metrics.jsonl'}")
