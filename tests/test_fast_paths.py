@@ -198,3 +198,125 @@ def test_half_precision_gelu_equals_float32_round_trip():
     ours.backward(upstream)
     reference.backward(upstream)
     assert torch.equal(x.grad, x32.grad)
+
+
+# ------------------------------------------------------------------------------------------------ attention
+def reference_attention(attention, x, padding_mask):
+    """Separate q/k/v projections (slices of the fused weight), explicit scaled scores, -inf at padded keys,
+    softmax, weighted sum, output projection: the textbook computation the fused SDPA path replaces."""
+    batch, time, dim = x.shape
+    heads, head_dim = attention.num_heads, attention.head_dim
+    w_q, w_k, w_v = attention.qkv_proj.weight.chunk(3, dim=0)
+    b_q, b_k, b_v = attention.qkv_proj.bias.chunk(3, dim=0)
+
+    def split(t):
+        return t.view(batch, time, heads, head_dim).transpose(1, 2)  # (B, H, T, Dh)
+
+    q, k, v = split(F.linear(x, w_q, b_q)), split(F.linear(x, w_k, b_k)), split(F.linear(x, w_v, b_v))
+    scores = q @ k.transpose(-1, -2) / head_dim**0.5
+    if padding_mask is not None:
+        scores = scores.masked_fill(padding_mask[:, None, None, :], float("-inf"))
+    out = torch.softmax(scores, dim=-1) @ v
+    return attention.out_proj(out.transpose(1, 2).reshape(batch, time, dim))
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_fused_attention_matches_separate_projections(padded):
+    from xlsr.modules.transformer import SelfAttention
+
+    torch.manual_seed(0)
+    attention = SelfAttention(32, 4).double()
+    for p in attention.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(3, 11, 32, dtype=torch.float64, requires_grad=True)
+    padding_mask = None
+    if padded:
+        padding_mask = torch.arange(11)[None, :] >= torch.tensor([11, 7, 3])[:, None]  # True = padded frame
+    attn_mask = None if padding_mask is None else (~padding_mask)[:, None, None, :]
+
+    ours = attention(x, attn_mask)
+    reference = reference_attention(attention, x, padding_mask)
+    torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
+    upstream = torch.randn(ours.shape, dtype=torch.float64)
+    params = [x, *attention.parameters()]
+    (ours * upstream).sum().backward()
+    ours_grads = grads(params)
+    for p in params:
+        p.grad = None
+    (reference * upstream).sum().backward()
+    assert_close_list(ours_grads, grads(params), rtol=1e-9, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------ whole model
+def tiny_training_model(seed=0, dropout=0.1):
+    torch.manual_seed(seed)
+    cfg = xlsr.Wav2Vec2Config.from_preset("tiny", encoder_layerdrop=0.0, dropout=dropout)
+    return xlsr.Wav2Vec2Model(cfg).train()
+
+
+def tiny_inputs(model, batch=2, samples=8000, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    source = torch.randn(batch, samples, generator=gen)
+    padding_mask = torch.zeros(batch, samples, dtype=torch.bool)
+    padding_mask[1, samples * 3 // 4 :] = True
+    frames = int(model.feature_extractor.output_lengths(torch.tensor(samples)))
+    frame_padding = model.frame_padding_mask(padding_mask, frames)
+    mask = xlsr.compute_mask_indices((batch, frames), frame_padding, 0.65, 4, 2, generator=gen)
+    negatives = xlsr.sample_negatives(mask, model.cfg.num_negatives, frame_padding, generator=gen)
+    return source, padding_mask, mask, negatives
+
+
+def loss_and_grads(model, inputs, seed=0):
+    from xlsr.pretrain.loss import compute_loss
+
+    source, padding_mask, mask, negatives = inputs
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # dropout and Gumbel noise
+    out = model(source, padding_mask, mask_indices=mask, negative_indices=negatives)
+    loss = compute_loss(out, (0.1, 10.0)).total
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_activation_checkpointing_matches_plain():
+    model = tiny_training_model()  # with dropout: the recomputation must replay the same random numbers
+    inputs = tiny_inputs(model)
+    plain_loss, plain_grads = loss_and_grads(model, inputs)
+    model.encoder.gradient_checkpointing = True
+    ckpt_loss, ckpt_grads = loss_and_grads(model, inputs)
+    assert plain_loss.item() == pytest.approx(ckpt_loss.item(), rel=1e-6)
+    assert plain_grads.keys() == ckpt_grads.keys()
+    assert len(plain_grads) == len(list(model.parameters()))
+    for name in plain_grads:
+        torch.testing.assert_close(ckpt_grads[name], plain_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _compile_usable() -> bool:
+    try:
+        torch.compile(lambda t: t * 2, backend="eager")(torch.ones(2))
+        return True
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _compile_usable(), reason="torch.compile is not usable here")
+def test_compiled_encoder_matches_eager():
+    model = tiny_training_model(dropout=0.0)  # compiled dropout draws other random numbers
+    inputs = tiny_inputs(model)
+    eager_loss, eager_grads = loss_and_grads(model, inputs)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.compile_encoder(backend=COMPILE_BACKEND)
+    assert {k: v for k, v in model.state_dict().items()}.keys() == state.keys()  # keys unchanged
+    compiled_loss, compiled_grads = loss_and_grads(model, inputs)
+    assert compiled_loss.item() == pytest.approx(eager_loss.item(), rel=1e-5)
+    for name in eager_grads:
+        torch.testing.assert_close(compiled_grads[name], eager_grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    with torch.no_grad():  # inference through the compiled layers, padded batch
+        model.eval()
+        compiled = model.extract_features(inputs[0], inputs[1]).x
+        eager = xlsr.Wav2Vec2Model(model.cfg).eval()
+        eager.load_state_dict(state)
+        torch.testing.assert_close(compiled, eager.extract_features(inputs[0], inputs[1]).x, rtol=1e-4, atol=1e-5)
+
+
+COMPILE_BACKEND = "inductor"

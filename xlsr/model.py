@@ -226,6 +226,18 @@ class Wav2Vec2Model(nn.Module):
         position_among_masked = flat_mask.long().cumsum(0) - 1
         return position_among_masked[negative_indices]
 
+    def compile_encoder(self, **compile_kwargs) -> "Wav2Vec2Model":
+        """``torch.compile`` every transformer layer in place (``nn.Module.compile``); returns ``self``.
+
+        All layers share one compiled graph (same code and shapes), state-dict keys stay as they are, and
+        activation checkpointing and LayerDrop work as before. ``compile_kwargs`` go to ``torch.compile``
+        (e.g. ``mode="max-autotune"``, ``backend="aot_eager"``, ``dynamic=True`` for varying lengths).
+        The first call per input shape compiles (slow on a small CPU); later calls reuse the graph.
+        """
+        for layer in self.encoder.layers:
+            layer.compile(**compile_kwargs)
+        return self
+
     def set_num_updates(self, num_updates: int) -> None:
         """Advance the Gumbel temperature schedule (call once per optimizer update)."""
         self.quantizer.set_num_updates(num_updates)
