@@ -356,6 +356,39 @@ def make_optimizer(params, name: str, device):
     return torch.optim.AdamW(params, lr=1e-5, foreach=False)
 
 
+PROFILE_GROUPS = [  # (group, predicate on the op name), first match wins; self CPU time of each op
+    ("matmul", lambda n: n in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")),
+    ("attention (SDPA)", lambda n: "scaled_dot_product" in n),
+    ("conv (oneDNN)", lambda n: n in ("aten::mkldnn_convolution", "aten::convolution_backward")),
+    ("norms", lambda n: "norm" in n and n.startswith("aten::")),
+    ("gelu", lambda n: n.startswith("aten::gelu")),
+    ("copies and casts", lambda n: n in ("aten::copy_", "aten::cat", "aten::index", "aten::_index_put_impl_")),
+    ("optimizer kernels", lambda n: n in ("aten::_fused_adamw_", "aten::lerp_", "aten::addcdiv_", "aten::addcmul_",
+                                          "aten::_foreach_lerp_", "aten::_foreach_addcdiv_", "aten::_foreach_sqrt",
+                                          "aten::_foreach_mul_", "aten::_foreach_add_", "aten::_foreach_div_",
+                                          "aten::_foreach_addcmul_", "aten::sqrt")),
+    ("elementwise", lambda n: n in ("aten::mul", "aten::div", "aten::add", "aten::mul_", "aten::add_", "aten::sum",
+                                    "aten::fill_", "aten::neg", "aten::masked_fill_", "aten::where", "aten::pow")),
+]
+
+
+def profile_step(runner) -> dict:
+    """One repetition under torch.profiler: self CPU seconds per op group, and the heaviest ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        runner.fn()
+    groups: dict[str, float] = {}
+    ops = []
+    for event in prof.key_averages():
+        seconds = event.self_cpu_time_total / 1e6
+        group = next((g for g, match in PROFILE_GROUPS if match(event.key)), "other")
+        groups[group] = groups.get(group, 0.0) + seconds
+        ops.append((seconds, event.key, event.count))
+    ops.sort(reverse=True)
+    return {"groups": groups, "top": ops[:8], "total": sum(groups.values())}
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
@@ -385,6 +418,8 @@ def worker_main(spec: dict) -> None:
         command = line.strip()
         if command == "run":
             print(json.dumps(runner.step()), flush=True)
+        elif command == "profile":
+            print(json.dumps(profile_step(runner)), flush=True)
         elif command == "stop":
             break
     print(
@@ -392,8 +427,17 @@ def worker_main(spec: dict) -> None:
     )
 
 
+def worker_env(settings: list[str]) -> dict:
+    """This process's environment plus ``--env KEY=VALUE`` settings (the same for every implementation)."""
+    env = dict(os.environ)
+    for item in settings:
+        key, _, value = item.partition("=")
+        env[key] = value
+    return env
+
+
 class Worker:
-    def __init__(self, spec: dict):
+    def __init__(self, spec: dict, env: dict | None = None):
         self.spec = spec
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
@@ -401,6 +445,7 @@ class Worker:
             stdout=subprocess.PIPE,
             text=True,
             cwd=str(ROOT),
+            env=env,
         )
 
     def read(self) -> dict:
@@ -480,7 +525,7 @@ def _run_workload(args, name: str, inputs_path: str, workers: dict) -> dict:
             "device": args.device, "threads": args.threads, "preset": args.preset, "optim": args.optim,
             "warmup": args.warmup, "inputs": inputs_path,
         }
-        workers[impl] = Worker(spec)
+        workers[impl] = Worker(spec, worker_env(args.env))
         workers[impl].read()  # built and warmed up (one at a time: the other worker is not running yet)
     pids = [w.proc.pid for w in workers.values()]
     reps = args.reps or (3 if args.quick else 9 if kind == "infer" else 5)
@@ -500,8 +545,13 @@ def _run_workload(args, name: str, inputs_path: str, workers: dict) -> dict:
             times[impl].append(result["time"])
             noise[impl].append(max(0.0, (b1 - b0) - (p1 - p0)) / result["time"])
             util[impl].append(result["cpu"] / (result["time"] * args.threads))
+    profiles = {}
+    if args.profile:
+        for impl, worker in workers.items():
+            worker.send("profile")
+            profiles[impl] = worker.read()
     memory = {impl: w.finish() for impl, w in workers.items()}
-    return {"times": times, "noise": noise, "util": util, "memory": memory, "waited": waited}
+    return {"times": times, "noise": noise, "util": util, "memory": memory, "waited": waited, "profiles": profiles}
 
 
 def cpu_mode(args) -> None:
@@ -533,6 +583,8 @@ def cpu_mode(args) -> None:
     ceiling_after = measure_ceiling(args)
     print(f"matmul ceiling after: fp32 {ceiling_after['fp32']:.0f}, bf16 {ceiling_after['bf16']:.0f} GFLOP/s")
     table = markdown_table(rows, ceiling, args)
+    if args.profile:
+        table += "\n\n" + profile_tables(rows)
     print()
     print(table)
     if args.write:
@@ -575,6 +627,34 @@ def markdown_table(rows: list[dict], ceiling: dict, args) -> str:
     return "\n".join(lines)
 
 
+def profile_tables(rows: list[dict]) -> str:
+    """Where the time goes: self CPU seconds per op group for each implementation (one profiled repetition)."""
+    out = ["### Profile (torch.profiler, one repetition, self CPU time per op group)", ""]
+    for row in rows:
+        profiles = row.get("profiles") or {}
+        if not profiles:
+            continue
+        impls = list(profiles)
+        names = sorted({g for p in profiles.values() for g in p["groups"]},
+                       key=lambda g: -max(p["groups"].get(g, 0.0) for p in profiles.values()))
+        out.append(f"**{row['workload']}**")
+        out.append("")
+        out.append("| op group | " + " | ".join(f"{i} s (share)" for i in impls) + " |")
+        out.append("|---|" + "---|" * len(impls))
+        for name in names + ["total"]:
+            cells = []
+            for impl in impls:
+                p = profiles[impl]
+                value = p["total"] if name == "total" else p["groups"].get(name, 0.0)
+                cells.append(f"{value:.2f} ({value / p['total']:.0%})")
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+        for impl in impls:
+            top = ", ".join(f"{key} {sec:.2f} s x{count}" for sec, key, count in profiles[impl]["top"][:5])
+            out.append(f"\n{impl} heaviest ops: {top}")
+        out.append("")
+    return "\n".join(out)
+
+
 def write_results(args, machine: dict, ceiling: dict, ceiling_after: dict, table: str) -> None:
     command = "python benchmarks/bench.py " + " ".join(sys.argv[1:])
     reps_text = str(args.reps) if args.reps else ("3" if args.quick else "9 (inference) / 5 (train)")
@@ -586,6 +666,7 @@ Machine: {machine['cpu']} ({machine.get('cpus', '?')} CPUs, {machine.get('isa', 
 torch {machine['torch']}, transformers {machine['transformers']}, Python {machine['python']}.
 Model: `{args.preset}` preset, random weights; HF: `Wav2Vec2Model` (inference) / `Wav2Vec2ForPreTraining` (train)
 with the same architecture, SDPA attention. Optimiser: AdamW ({args.optim}) for both.
+Worker environment settings: {', '.join(args.env) or 'none'}.
 {reps_text} interleaved repetitions per implementation after {args.warmup} warm-up; each implementation and workload
 in its own process (peak RSS = that process's peak, imports and model included).
 
@@ -687,7 +768,7 @@ def mfu_mode(args) -> None:
         }
         out = subprocess.run(
             [sys.executable, str(Path(__file__).resolve()), "--mfu-worker", json.dumps(spec)],
-            capture_output=True, text=True, cwd=str(ROOT),
+            capture_output=True, text=True, cwd=str(ROOT), env=worker_env(args.env),
         )
         if out.returncode != 0:
             print(out.stderr[-3000:], file=sys.stderr)
@@ -737,6 +818,9 @@ def main(argv=None) -> None:
     parser.add_argument("--quiet", type=float, default=0.15, help="wait until others use fewer cores than this")
     parser.add_argument("--max-wait", type=float, default=60.0, help="longest wait for a quiet machine, s")
     parser.add_argument("--ceiling-n", type=int, default=None, help="matrix size of the matmul ceiling")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment setting for every worker, e.g. MALLOC_TRIM_THRESHOLD_=68719476736")
+    parser.add_argument("--profile", action="store_true", help="also profile one repetition of each (op groups)")
     parser.add_argument("--no-write", dest="write", action="store_false", help="don't write RESULTS.md")
     parser.add_argument("--crop", type=float, default=15.0, help="MFU mode: crop length, s")
     parser.add_argument("--batch", type=int, default=0, help="MFU mode: batch size (0 = largest that fits)")
