@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import platform
@@ -331,15 +332,20 @@ class Runner:
 
     def step(self) -> dict:
         torch = self.torch
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        cpu0, t0 = time.process_time(), time.perf_counter()
-        out = self.fn()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        else:
-            float(out.float().sum())
-        wall = time.perf_counter() - t0
+        gc.collect()  # no collector pause inside the timed region (same for every implementation)
+        gc.disable()
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            out = self.fn()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            else:
+                float(out.float().sum())
+            wall = time.perf_counter() - t0
+        finally:
+            gc.enable()
         return {"time": wall, "cpu": time.process_time() - cpu0}
 
 
@@ -589,6 +595,9 @@ def cpu_mode(args) -> None:
     print(table)
     if args.write:
         write_results(args, machine, ceiling, ceiling_after, table)
+        raw = {"machine": machine, "ceiling": ceiling, "ceiling_after": ceiling_after,
+               "rows": [{k: v for k, v in row.items() if k != "profiles"} for row in rows]}
+        (HERE / "results.json").write_text(json.dumps(raw, indent=1) + "\n")
 
 
 def format_row_text(row: dict, ceiling: dict) -> str:
@@ -598,26 +607,32 @@ def format_row_text(row: dict, ceiling: dict) -> str:
         parts.append(f"{impl} {med:.3f} s ({row['flops'] / med / 1e9:.0f} GFLOP/s, "
                      f"{row['memory'][impl]['peak_rss_mb'] / 1024:.2f} GiB)")
     if "ours" in row["times"] and "hf" in row["times"]:
-        parts.append(f"speed-up {statistics.median(row['times']['hf']) / statistics.median(row['times']['ours']):.2f}x")
+        parts.append(f"speed-up {paired_speedup(row['times']['hf'], row['times']['ours']):.2f}x")
     return " | ".join(parts)
+
+
+def paired_speedup(reference: list[float], ours: list[float]) -> float:
+    """Median over repetitions of reference_i / ours_i: each pair ran back to back, so slow drifts of a shared
+    machine cancel (less noisy than the ratio of the medians)."""
+    return statistics.median(r / o for r, o in zip(reference, ours))
 
 
 def markdown_table(rows: list[dict], ceiling: dict, args) -> str:
     lines = [
         "| workload | impl | median s (min-max) | GFLOP | GFLOP/s | of ceiling | peak RSS GiB | noise (cores) "
-        "| speed-up vs HF: median (best) | memory vs HF |",
+        "| speed-up vs HF | memory vs HF |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         peak = ceiling["bf16" if row["bf16"] else "fp32"]
         hf_time = statistics.median(row["times"]["hf"]) if "hf" in row["times"] else None
-        hf_best = min(row["times"]["hf"]) if "hf" in row["times"] else None
+
         hf_mem = row["memory"]["hf"]["peak_rss_mb"] if "hf" in row["memory"] else None
         for impl, times in row["times"].items():
             med = statistics.median(times)
             rate = row["flops"] / med / 1e9
             mem = row["memory"][impl]["peak_rss_mb"]
-            speed = f"{hf_time / med:.2f}x ({hf_best / min(times):.2f}x)" if hf_time and impl != "hf" else ""
+            speed = f"{paired_speedup(row['times']['hf'], times):.2f}x" if hf_time and impl != "hf" else ""
             memory = f"{mem / hf_mem:.0%}" if hf_mem and impl != "hf" else ""
             lines.append(
                 f"| {row['workload']} | {impl} | {med:.3f} ({min(times):.3f}-{max(times):.3f}) | {row['flops'] / 1e9:.0f} "
@@ -679,6 +694,8 @@ GFLOP: analytic model FLOPs (multiply-add = 2), the same for both implementation
 positional conv, 24 x (8 d^2 + 4 d F) T + 24 x 4 d T^2 per utterance, plus the contrastive head on the masked
 frames for training; a train step counts 3 x forward. "of ceiling": GFLOP/s over the matmul ceiling of the same
 dtype. "noise": CPU cores used by other processes during the timed repetitions (the machine may be shared).
+"speed-up vs HF": median over repetitions of HF time / our time, each pair run back to back. Every repetition's
+time is in `benchmarks/results.json`.
 """
     path = HERE / "RESULTS.md"
     path.write_text(text)
@@ -711,10 +728,13 @@ def mfu_worker_main(spec: dict) -> None:
             runner.step()
             runner.step()  # the optimiser state exists from the second step on
             return True
-        except torch.OutOfMemoryError:
+        except RuntimeError as err:  # torch.OutOfMemoryError, or a library's allocation failure
+            if not isinstance(err, torch.OutOfMemoryError) and "out of memory" not in str(err).lower():
+                raise
             return False
         finally:
             del runner
+            gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
 
