@@ -90,14 +90,14 @@ class Trainer:
         self.model_cfg = self.model.cfg
         # DDP needs a gradient for every parameter: layers skipped by LayerDrop get an exact zero one
         self.model.encoder.zero_grad_for_dropped_layers = self.world_size > 1
+        if cfg.model.compile:
+            self.model.compile_encoder(dynamic=True)  # batch lengths vary: one graph for all of them
         self.ddp_model = (
             DistributedDataParallel(self.model, device_ids=[local_rank] if self.device.type == "cuda" else None)
             if self.world_size > 1
             else None
         )
         self.forward_model = self.ddp_model if self.ddp_model is not None else self.model
-        if cfg.model.compile:
-            self.forward_model = torch.compile(self.forward_model)
         self.optimizer = self._build_optimizer()
         self.autocast_dtype = _DTYPES[cfg.precision] if cfg.precision in _DTYPES else self._bad_precision()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
