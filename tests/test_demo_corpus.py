@@ -26,7 +26,7 @@ def _spandsp():
         try:
             return ctypes.CDLL(name)
         except OSError:
-            pass
+            continue
     return None
 
 
