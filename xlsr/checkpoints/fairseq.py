@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from xlsr.checkpoints.keymap import fuse_qkv, rename, split_qkv
+from xlsr.checkpoints.keymap import fuse_qkv, rename
 from xlsr.checkpoints.safe_pickle import CheckpointError
 from xlsr.config import Wav2Vec2Config, parse_conv_layers
 
@@ -165,13 +165,3 @@ def state_dict_from_fairseq(model_state: dict[str, torch.Tensor], source: Any = 
     if unmatched:
         raise CheckpointError(f"{source}: unexpected keys in the fairseq state dict: {', '.join(unmatched)}")
     return fuse_qkv(renamed)
-
-
-def state_dict_to_fairseq(state_dict: dict[str, torch.Tensor], extractor_mode: str) -> dict[str, torch.Tensor]:
-    """Ours -> fairseq names (the conv norms are spelled differently in the two extractor modes)."""
-    skip = ".2.1." if extractor_mode == "group_norm" else ".{n}.2.weight"
-    key_map = [(theirs, ours) for theirs, ours in FAIRSEQ_KEY_MAP if skip not in theirs and skip.replace("weight", "bias") not in theirs]
-    renamed, unmatched = rename(split_qkv(state_dict), key_map, reverse=True)
-    if unmatched:
-        raise KeyError(f"no fairseq name for: {', '.join(unmatched)}")
-    return renamed

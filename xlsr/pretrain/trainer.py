@@ -99,7 +99,9 @@ class Trainer:
         )
         self.forward_model = self.ddp_model if self.ddp_model is not None else self.model
         self.optimizer = self._build_optimizer()
-        self.autocast_dtype = _DTYPES[cfg.precision] if cfg.precision in _DTYPES else self._bad_precision()
+        if cfg.precision not in _DTYPES:
+            raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {cfg.precision!r}")
+        self.autocast_dtype = _DTYPES[cfg.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
 
         self.num_updates = 0
@@ -141,9 +143,6 @@ class Trainer:
             torch.cuda.set_device(local_rank)
             return torch.device("cuda", local_rank)
         return torch.device(choice)
-
-    def _bad_precision(self):
-        raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {self.cfg.precision!r}")
 
     def _build_optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
