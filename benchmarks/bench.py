@@ -189,44 +189,12 @@ class LoadMeter:
 
 # ---------------------------------------------------------------------------------------------------- models
 def hf_config(cfg):
-    """The transformers ``Wav2Vec2Config`` with the same architecture as our ``cfg``."""
+    """The transformers ``Wav2Vec2Config`` with the same architecture as our ``cfg`` (our HF exporter's mapping)."""
     from transformers import Wav2Vec2Config as HFConfig
 
-    return HFConfig(
-        hidden_size=cfg.encoder_embed_dim,
-        num_hidden_layers=cfg.encoder_layers,
-        num_attention_heads=cfg.encoder_attention_heads,
-        intermediate_size=cfg.encoder_ffn_embed_dim,
-        hidden_act="gelu",
-        feat_extract_norm="layer" if cfg.extractor_mode == "layer_norm" else "group",
-        feat_extract_activation="gelu",
-        conv_dim=[c for c, _, _ in cfg.conv_layers],
-        conv_kernel=[k for _, k, _ in cfg.conv_layers],
-        conv_stride=[s for _, _, s in cfg.conv_layers],
-        conv_bias=cfg.conv_bias,
-        num_conv_pos_embeddings=cfg.conv_pos,
-        num_conv_pos_embedding_groups=cfg.conv_pos_groups,
-        do_stable_layer_norm=cfg.layer_norm_first,
-        hidden_dropout=cfg.dropout,
-        activation_dropout=cfg.activation_dropout,
-        attention_dropout=cfg.attention_dropout,
-        feat_proj_dropout=cfg.dropout_input,
-        feat_quantizer_dropout=cfg.dropout_features,
-        final_dropout=0.0,
-        layerdrop=cfg.encoder_layerdrop,
-        layer_norm_eps=1e-5,
-        num_codevectors_per_group=cfg.latent_vars,
-        num_codevector_groups=cfg.latent_groups,
-        codevector_dim=cfg.codebook_dim,
-        proj_codevector_dim=cfg.proj_dim,
-        num_negatives=cfg.num_negatives,
-        contrastive_logits_temperature=cfg.logit_temp,
-        diversity_loss_weight=0.1,
-        apply_spec_augment=True,
-        mask_time_prob=cfg.mask_prob,
-        mask_time_length=cfg.mask_length,
-        mask_feature_prob=0.0,
-    )
+    from xlsr.checkpoints.huggingface import config_to_huggingface
+
+    return HFConfig.from_dict(config_to_huggingface(cfg))
 
 
 def make_inputs(cfg, batch: int, samples: int, seed: int = 0) -> dict:
