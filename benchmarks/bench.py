@@ -20,7 +20,10 @@ CPU mode
     Workloads: infer-fp32 / infer-bf16 (1 x 10 s, no grad, bf16 = autocast), train-fp32 / train-bf16 (2 x 4 s:
     forward with a fixed 0.65 x 10 span mask and 100 negatives, loss, backward, AdamW step), train-fp32-ckpt
     (the same with activation checkpointing per transformer layer in both). Both use the same optimiser
-    (``--optim``: fused AdamW by default, which is also HF Trainer's default).
+    (``--optim``: fused AdamW by default, which is also HF Trainer's default). Ours applies it as
+    ``python -m xlsr.pretrain`` does on the CPU: inside backward, parameter by parameter
+    (``xlsr.pretrain.step_in_backward``: the same updates, no full set of gradients held); HF as its Trainer does,
+    after backward. train-fp32-stepafter runs ours with the step after backward too.
 
     The machine may be shared: before each repetition the parent waits (up to ``--max-wait`` s) until other
     processes use less than ``--quiet`` of a core, and it records how much CPU others used during the
@@ -53,12 +56,13 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
 WORKLOADS = {
-    # name: (kind, batch, seconds, bf16, checkpointing)
-    "infer-fp32": ("infer", 1, 10.0, False, False),
-    "infer-bf16": ("infer", 1, 10.0, True, False),
-    "train-fp32": ("train", 2, 4.0, False, False),
-    "train-bf16": ("train", 2, 4.0, True, False),
-    "train-fp32-ckpt": ("train", 2, 4.0, False, True),
+    # name: (kind, batch, seconds, bf16, checkpointing, our optimizer step inside backward)
+    "infer-fp32": ("infer", 1, 10.0, False, False, False),
+    "infer-bf16": ("infer", 1, 10.0, True, False, False),
+    "train-fp32": ("train", 2, 4.0, False, False, True),
+    "train-bf16": ("train", 2, 4.0, True, False, True),
+    "train-fp32-ckpt": ("train", 2, 4.0, False, True, True),
+    "train-fp32-stepafter": ("train", 2, 4.0, False, False, False),
 }
 DEFAULT_WORKLOADS = list(WORKLOADS)
 
@@ -245,7 +249,7 @@ class Runner:
             from xlsr.pretrain.loss import compute_loss
 
             model = xlsr.Wav2Vec2Model(cfg)
-            model.encoder.gradient_checkpointing = spec["checkpointing"]
+            model.set_activation_checkpointing(spec["checkpointing"])
             if "compile" in impl:
                 model.compile_encoder()
             self._compute_loss = compute_loss
@@ -267,8 +271,13 @@ class Runner:
             raise ValueError(f"unknown implementation {impl!r}")
         self.model = model.to(self.device).train(train)
         self.optimizer = None
+        self.step_in_backward = None
         if train:
             self.optimizer = make_optimizer(model.parameters(), spec["optim"], self.device)
+            if spec.get("step_in_backward"):
+                from xlsr.pretrain.step_in_backward import StepInBackward
+
+                self.step_in_backward = StepInBackward(self.optimizer, model.parameters())
 
     def _autocast(self):
         return self.torch.autocast(self.device.type, dtype=self.torch.bfloat16, enabled=self.bf16)
@@ -294,8 +303,9 @@ class Runner:
 
     def _update(self, loss):
         loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.step_in_backward is None:  # else the backward pass has updated every parameter already
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
     def step(self) -> dict:
@@ -492,11 +502,11 @@ def run_workload(args, name: str, inputs_path: str) -> dict:
 
 
 def _run_workload(args, name: str, inputs_path: str, workers: dict) -> dict:
-    kind, batch, seconds, bf16, checkpointing = WORKLOADS[name]
+    kind, batch, seconds, bf16, checkpointing, step_in_backward = WORKLOADS[name]
     for impl in args.impls:
         spec = {
             "impl": impl, "workload": name, "kind": kind, "bf16": bf16, "checkpointing": checkpointing,
-            "device": args.device, "threads": args.threads, "preset": args.preset, "optim": args.optim,
+            "step_in_backward": step_in_backward and impl.startswith("ours"), "device": args.device, "threads": args.threads, "preset": args.preset, "optim": args.optim,
             "warmup": args.warmup, "inputs": inputs_path,
         }
         workers[impl] = Worker(spec, worker_env(args.env))
@@ -543,7 +553,7 @@ def cpu_mode(args) -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.workloads:
-            kind, batch, seconds, bf16, _ = WORKLOADS[name]
+            kind, batch, seconds, bf16 = WORKLOADS[name][:4]
             samples = int(seconds * cfg.sample_rate)
             inputs = make_inputs(cfg, batch, samples)
             path = os.path.join(tmp, f"{name}.pt")
@@ -557,6 +567,9 @@ def cpu_mode(args) -> None:
     ceiling_after = measure_ceiling(args)
     print(f"matmul ceiling after: fp32 {ceiling_after['fp32']:.0f}, bf16 {ceiling_after['bf16']:.0f} GFLOP/s")
     table = markdown_table(rows, ceiling, args)
+    targets = targets_table(rows)
+    if targets:
+        table += "\n\nTargets (issue 5):\n\n" + targets
     if args.profile:
         table += "\n\n" + profile_tables(rows)
     print()
@@ -610,6 +623,29 @@ def markdown_table(rows: list[dict], ceiling: dict, args) -> str:
     return "\n".join(lines)
 
 
+SPEED_TARGETS = {"train-fp32": 1.4, "train-bf16": 1.6, "infer-fp32": 1.05, "infer-bf16": 1.3}  # ours vs HF (issue 5)
+MEMORY_TARGETS = {"train-fp32": 1.0, "train-fp32-ckpt": 0.7}  # of HF's train-fp32 peak
+
+
+def targets_table(rows: list[dict]) -> str:
+    """The issue's targets against this run: speed-ups vs HF, and our peak RSS over HF's plain train-fp32 peak."""
+    by_name = {row["workload"]: row for row in rows}
+    lines = ["| target | this run | met |", "|---|---|---|"]
+    for name, target in SPEED_TARGETS.items():
+        row = by_name.get(name)
+        if row and {"ours", "hf"} <= row["times"].keys():
+            speed = paired_speedup(row["times"]["hf"], row["times"]["ours"])
+            lines.append(f"| {name} speed-up >= {target}x | {speed:.2f}x | {'yes' if speed >= target else 'no'} |")
+    reference = by_name.get("train-fp32", {}).get("memory", {}).get("hf")
+    for name, target in MEMORY_TARGETS.items():
+        row = by_name.get(name)
+        if reference and row and "ours" in row["memory"]:
+            share = row["memory"]["ours"]["peak_rss_mb"] / reference["peak_rss_mb"]
+            lines.append(f"| {name} peak RSS <= {target:.0%} of HF train-fp32 | {share:.0%} "
+                         f"| {'yes' if share <= target else 'no'} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 def profile_tables(rows: list[dict]) -> str:
     """Where the time goes: self CPU seconds per op group for each implementation (one profiled repetition)."""
     out = ["### Profile (torch.profiler, one repetition, self CPU time per op group)", ""]
@@ -648,7 +684,8 @@ Written by `{command.strip()}` on {machine['date']}.
 Machine: {machine['cpu']} ({machine.get('cpus', '?')} CPUs, {machine.get('isa', '')}), {args.threads} threads;
 torch {machine['torch']}, transformers {machine['transformers']}, Python {machine['python']}.
 Model: `{args.preset}` preset, random weights; HF: `Wav2Vec2Model` (inference) / `Wav2Vec2ForPreTraining` (train)
-with the same architecture, SDPA attention. Optimiser: AdamW ({args.optim}) for both.
+with the same architecture, SDPA attention. Optimiser: AdamW ({args.optim}) for both; ours steps each parameter
+inside backward as `python -m xlsr.pretrain` does on the CPU (same updates), except in train-fp32-stepafter.
 Worker environment settings: {', '.join(args.env) or 'none'}.
 {reps_text} interleaved repetitions per implementation after {args.warmup} warm-up; each implementation and workload
 in its own process (peak RSS = that process's peak, imports and model included).

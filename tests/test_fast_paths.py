@@ -248,9 +248,9 @@ def test_fused_attention_matches_separate_projections(padded):
 
 
 # ------------------------------------------------------------------------------------------------ whole model
-def tiny_training_model(seed=0, dropout=0.1):
+def tiny_training_model(seed=0, dropout=0.1, extractor_mode="layer_norm"):
     torch.manual_seed(seed)
-    cfg = xlsr.Wav2Vec2Config.from_preset("tiny", encoder_layerdrop=0.0, dropout=dropout)
+    cfg = xlsr.Wav2Vec2Config.from_preset("tiny", encoder_layerdrop=0.0, dropout=dropout, extractor_mode=extractor_mode)
     return xlsr.Wav2Vec2Model(cfg).train()
 
 
@@ -278,11 +278,12 @@ def loss_and_grads(model, inputs, seed=0):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_activation_checkpointing_matches_plain():
-    model = tiny_training_model()  # with dropout: the recomputation must replay the same random numbers
+@pytest.mark.parametrize("extractor_mode", ["layer_norm", "group_norm"])
+def test_activation_checkpointing_matches_plain(extractor_mode):
+    model = tiny_training_model(extractor_mode=extractor_mode)  # dropout: the recomputation replays the same draws
     inputs = tiny_inputs(model)
     plain_loss, plain_grads = loss_and_grads(model, inputs)
-    model.encoder.gradient_checkpointing = True
+    model.set_activation_checkpointing(True)
     ckpt_loss, ckpt_grads = loss_and_grads(model, inputs)
     assert plain_loss.item() == pytest.approx(ckpt_loss.item(), rel=1e-6)
     assert plain_grads.keys() == ckpt_grads.keys()
@@ -320,3 +321,27 @@ def test_compiled_encoder_matches_eager():
 
 
 COMPILE_BACKEND = "inductor"
+
+
+def saved_for_backward_bytes(model, source) -> int:
+    """Bytes autograd keeps from the forward (the activations that activation checkpointing avoids)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.extract_features(source).x.sum()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(n for ptr, n in seen.items() if ptr not in params)
+
+
+def test_activation_checkpointing_keeps_little_for_backward():
+    """Conv stack and transformer layers: only their inputs are kept (the conv stack's is the audio)."""
+    model = tiny_training_model(dropout=0.0)
+    source = torch.randn(2, 32000)
+    plain = saved_for_backward_bytes(model, source)
+    model.set_activation_checkpointing(True)
+    checkpointed = saved_for_backward_bytes(model, source)
+    assert checkpointed < 0.2 * plain, (checkpointed, plain)

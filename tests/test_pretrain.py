@@ -250,3 +250,34 @@ def test_bad_file_in_manifest_is_skipped_and_counted(corpus, tmp_path, caplog):
     assert any("1 unreadable files skipped" in r.getMessage() for r in caplog.records)
     good_items = sum(len(b["id"]) for b in trainer.train_loader if b is not None)
     assert good_items == len(lines) - 1  # every good file is still trained on
+
+
+def test_step_in_backward_gives_the_same_updates(corpus, tmp_path):
+    """The optimizer applied per parameter inside backward: same losses and weights as the normal step."""
+    common = ("optim.max_update=6", "checkpoint.save_interval_updates=6", "threads=1", "optim.clip_norm=0")
+    normal = run_in_process(compose_config(overrides(corpus, tmp_path / "a", *common, "optim.step_in_backward=false")))
+    inline = run_in_process(compose_config(overrides(corpus, tmp_path / "b", *common, "optim.step_in_backward=true")))
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    # the same elementwise update of each parameter, so the same floats (the grad norm is summed in another order)
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert [r["grad_norm"] for r in a] == pytest.approx([r["grad_norm"] for r in b], rel=1e-5)
+    for key, value in normal.model.state_dict().items():
+        assert torch.equal(inline.model.state_dict()[key], value), key
+    assert inline.optimizer.state_dict()["state"].keys() == normal.optimizer.state_dict()["state"].keys()
+    assert all(p.grad is None for p in inline.model.parameters())  # nothing held between updates
+    assert inline.step_in_backward is not None and normal.step_in_backward is None
+
+
+def test_step_in_backward_default_is_on_for_one_cpu_process_only(corpus, tmp_path):
+    from xlsr.pretrain.trainer import Trainer
+
+    assert Trainer(compose_config(overrides(corpus, tmp_path / "a", "device=cpu", "optim.clip_norm=0"))).step_in_backward is not None
+    accumulating = compose_config(overrides(corpus, tmp_path / "b", "device=cpu", "optim.update_freq=2"))
+    assert Trainer(accumulating).step_in_backward is None  # the default steps as usual where it cannot apply
+
+
+@pytest.mark.parametrize("setting", ["optim.update_freq=2", "optim.clip_norm=1.0", "precision=fp16"])
+def test_step_in_backward_refuses_what_it_cannot_do(corpus, tmp_path, setting):
+    cfg = compose_config(overrides(corpus, tmp_path, "optim.step_in_backward=true", setting))
+    with pytest.raises(ValueError, match=setting.split("=")[0].replace(".", r"\.")):
+        run_in_process(cfg)

@@ -238,6 +238,14 @@ class Wav2Vec2Model(nn.Module):
             layer.compile(**compile_kwargs)
         return self
 
+    def set_activation_checkpointing(self, enabled: bool = True) -> "Wav2Vec2Model":
+        """Keep less for backward and recompute it there: the conv stack keeps only its input audio, each
+        transformer layer only its input. Same outputs and gradients; about 1/3 more compute in the recomputed parts.
+        """
+        self.feature_extractor.gradient_checkpointing = enabled
+        self.encoder.gradient_checkpointing = enabled
+        return self
+
     def set_num_updates(self, num_updates: int) -> None:
         """Advance the Gumbel temperature schedule (call once per optimizer update)."""
         self.quantizer.set_num_updates(num_updates)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 
 class Fp32LayerNorm(nn.LayerNorm):
@@ -95,6 +96,7 @@ class FeatureEncoder(nn.Module):
         self.conv_layers = nn.ModuleList(layers)
         self.mode = mode
         self.channels_last: bool | None = None  # None = automatic (CPU, layer_norm mode)
+        self.gradient_checkpointing = False  # keep only the audio for backward; recompute the stack there
 
     def forward(self, source: torch.Tensor) -> torch.Tensor:
         """source (B, S) waveform -> features (B, C, T)."""
@@ -104,6 +106,11 @@ class FeatureEncoder(nn.Module):
         """source (B, S) waveform -> features (B, T, C)."""
         if source.dim() != 2:
             raise ValueError(f"expected audio of shape (batch, samples), got a tensor of shape {tuple(source.shape)}")
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self._stack, source, use_reentrant=False)
+        return self._stack(source)
+
+    def _stack(self, source: torch.Tensor) -> torch.Tensor:
         use_channels_last = self.channels_last
         if use_channels_last is None:
             use_channels_last = source.device.type == "cpu"

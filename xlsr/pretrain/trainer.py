@@ -33,6 +33,7 @@ from xlsr.pretrain import checkpointing
 from xlsr.pretrain.config import PretrainConfig
 from xlsr.pretrain.data import build_dataloader, set_loader_epoch
 from xlsr.pretrain.loss import compute_loss
+from xlsr.pretrain.step_in_backward import StepInBackward, step_in_backward_conflicts
 
 logger = logging.getLogger("xlsr.pretrain")
 
@@ -65,7 +66,7 @@ def build_model(cfg: PretrainConfig) -> Wav2Vec2Model:
         logger.info("initialised from %s", cfg.model.init_from)
     else:
         model = Wav2Vec2Model(Wav2Vec2Config.from_preset(cfg.model.preset, **overrides))
-    model.encoder.gradient_checkpointing = cfg.model.activation_checkpointing
+    model.set_activation_checkpointing(cfg.model.activation_checkpointing)
     return model
 
 
@@ -98,9 +99,10 @@ class Trainer:
             else None
         )
         self.forward_model = self.ddp_model if self.ddp_model is not None else self.model
-        self.optimizer = self._build_optimizer()
         if cfg.precision not in _DTYPES:
             raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {cfg.precision!r}")
+        self.optimizer = self._build_optimizer()
+        self.step_in_backward = self._attach_step_in_backward()
         self.autocast_dtype = _DTYPES[cfg.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
 
@@ -150,6 +152,19 @@ class Trainer:
         if self.device.type == "cuda":
             kwargs["fused"] = True
         return torch.optim.AdamW(self.model.parameters(), **kwargs)
+
+    def _attach_step_in_backward(self) -> StepInBackward | None:
+        """``optim.step_in_backward``: true = required, null = where it applies and the device is the CPU."""
+        choice = self.cfg.optim.step_in_backward
+        if choice is False:
+            return None
+        o = self.cfg.optim
+        conflicts = step_in_backward_conflicts(self.world_size, o.update_freq, o.clip_norm, self.cfg.precision)
+        if conflicts and choice:
+            raise ValueError("optim.step_in_backward=true cannot be combined with " + "; ".join(conflicts))
+        if conflicts or (choice is None and self.device.type != "cpu"):
+            return None
+        return StepInBackward(self.optimizer, self.model.parameters())
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -295,6 +310,9 @@ class Trainer:
         step_start = time.monotonic()
         totals = _Totals(self.cfg.model.loss_weights)
         fallback = next((b for _, b in group if b is not None), None)
+        lr = polynomial_decay_lr(self.num_updates + 1, cfg.optim)
+        for group_ in self.optimizer.param_groups:
+            group_["lr"] = lr
         for micro_step, (global_index, batch) in enumerate(group):
             weight = 1.0
             if batch is None:  # every file of this batch was unreadable: keep DDP in step with a zero-weight pass
@@ -312,27 +330,17 @@ class Trainer:
                 with self._autocast():
                     out = self.forward_model(source, padding_mask, layer_keep=self._layer_keep(micro_step))
                     loss = compute_loss(out, tuple(cfg.model.loss_weights))
+                if self.step_in_backward is not None:  # one micro-batch, one process: its sample size is final
+                    self.step_in_backward.grad_scale = 1.0 / max(loss.sample_size, 1.0)
                 self.scaler.scale(loss.total * weight).backward()
             totals.add(loss, out, weight, audio_seconds=source.shape[0] * source.shape[1] / self.model_cfg.sample_rate)
 
         stats = totals.all_reduce(self.world_size, self.device)
-        sample_size = max(stats["sample_size"], 1.0)
-        self.scaler.unscale_(self.optimizer)
-        # DDP averaged the gradients over ranks; make them the sum over all masked frames / their number
-        scale = self.world_size / sample_size
-        for p in self.model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale)
-        max_norm = cfg.optim.clip_norm if cfg.optim.clip_norm > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
-        lr = polynomial_decay_lr(self.num_updates + 1, cfg.optim)
-        for group_ in self.optimizer.param_groups:
-            group_["lr"] = lr
-        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        overflow = self.scaler.is_enabled() and self.scaler.get_scale() < scale_before
+        if self.step_in_backward is not None:  # the backward pass has already updated every parameter
+            grad_norm = self.step_in_backward.pop_grad_norm()
+            scale_before, overflow = 1.0, False
+        else:
+            grad_norm, scale_before, overflow = self._optimizer_step(stats["sample_size"])
         if overflow:
             logger.warning("fp16 gradient overflow at update %d: step skipped, loss scale -> %g",
                            self.num_updates + 1, self.scaler.get_scale())
@@ -348,6 +356,23 @@ class Trainer:
         )
         self.metrics.check_health(self.num_updates, record, self.model_cfg.num_codevectors)
         return record
+
+    def _optimizer_step(self, sample_size: float) -> tuple[float, float, bool]:
+        """Normalise the summed gradients, clip, step, zero. Returns (grad norm, loss scale before, overflow)."""
+        self.scaler.unscale_(self.optimizer)
+        # DDP averaged the gradients over ranks; make them the sum over all masked frames / their number
+        scale = self.world_size / max(sample_size, 1.0)
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(scale)
+        clip_norm = self.cfg.optim.clip_norm
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip_norm or float("inf")))
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        overflow = self.scaler.is_enabled() and self.scaler.get_scale() < scale_before
+        return grad_norm, scale_before, overflow
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
