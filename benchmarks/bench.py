@@ -254,6 +254,12 @@ class Runner:
                 model.compile_encoder()
             self._compute_loss = compute_loss
             self.fn = self._ours_train if train else self._ours_infer
+        elif impl == "fairseq":
+            model = fairseq_model(cfg, spec.get("fairseq_path", ""))
+            model.set_num_updates(0)
+            self.fn = self._fairseq_train if train else self._fairseq_infer
+            if spec["checkpointing"]:
+                raise ValueError("fairseq's wav2vec 2.0 has no activation checkpointing option")
         elif impl == "hf":
             from transformers import Wav2Vec2ForPreTraining
             from transformers import Wav2Vec2Model as HFModel
@@ -290,6 +296,22 @@ class Runner:
         with self.torch.inference_mode(), self._autocast():
             return self.model(self.source).last_hidden_state
 
+    def _fairseq_infer(self):
+        with self.torch.inference_mode(), self._autocast():
+            return self.model(self.source, mask=False, features_only=True)["x"]
+
+    def _fairseq_train(self):
+        # fairseq's wav2vec criterion: cross entropy summed over masked frames (target 0 = the positive), plus
+        # 0.1 x diversity x sample size. fairseq draws its own 100 negatives per masked frame.
+        F = self.torch.nn.functional
+        with self._autocast():
+            out = self.model(self.source, mask_indices=self.mask)
+            logits = self.model.get_logits(out).float()
+            target = logits.new_zeros(logits.size(0), dtype=self.torch.long)
+            loss = F.cross_entropy(logits, target, reduction="sum")
+            loss = loss + 0.1 * self.model.get_extra_losses(out)[0].float() * target.numel()
+        return self._update(loss)
+
     def _ours_train(self):
         with self._autocast():
             out = self.model(self.source, mask_indices=self.mask, negative_indices=self.negatives)
@@ -325,6 +347,27 @@ class Runner:
         finally:
             gc.enable()
         return {"time": wall, "cpu": time.process_time() - cpu0}
+
+
+def fairseq_model(cfg, fairseq_path: str):
+    """fairseq's own Wav2Vec2Model with our config's architecture (fairseq and our config share field names).
+
+    ``fairseq_path``: extra import locations (os.pathsep-separated), appended to sys.path, e.g. an unpacked
+    fairseq source tree and a ``pip install --target`` folder with what it imports (bitarray, sacrebleu, sklearn).
+    """
+    import dataclasses
+
+    for entry in filter(None, fairseq_path.split(os.pathsep)):
+        sys.path.append(entry)
+    from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Config as FairseqConfig
+    from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Model as FairseqModel
+
+    fields = {f.name for f in dataclasses.fields(FairseqConfig)}
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name in fields}
+    values["conv_feature_layers"] = str([tuple(layer) for layer in cfg.conv_layers])
+    values["extractor_mode"] = {"group_norm": "default", "layer_norm": "layer_norm"}[cfg.extractor_mode]
+    values["latent_temp"] = tuple(cfg.latent_temp)
+    return FairseqModel(FairseqConfig(**values))
 
 
 def make_optimizer(params, name: str, device):
@@ -409,6 +452,16 @@ def worker_main(spec: dict) -> None:
     print(
         json.dumps({"peak_rss_mb": peak_rss_mb(), "rss_start_mb": rss_start, "rss_built_mb": rss_built}), flush=True
     )
+
+
+INHERITED_SETTINGS = ("THP_MEM_ALLOC_ENABLE", "MALLOC_", "GLIBC_TUNABLES", "OMP_", "KMP_", "LD_PRELOAD")
+
+
+def environment_settings(settings: list[str]) -> list[str]:
+    """The worker settings that change speed or memory: inherited ones (e.g. from the shell) and ``--env``."""
+    given = {item.partition("=")[0] for item in settings}
+    inherited = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith(INHERITED_SETTINGS) and k not in given]
+    return inherited + list(settings)
 
 
 def worker_env(settings: list[str]) -> dict:
@@ -503,22 +556,24 @@ def run_workload(args, name: str, inputs_path: str) -> dict:
 
 def _run_workload(args, name: str, inputs_path: str, workers: dict) -> dict:
     kind, batch, seconds, bf16, checkpointing, step_in_backward = WORKLOADS[name]
-    for impl in args.impls:
+    impls = [i for i in args.impls if not (i == "fairseq" and checkpointing)]  # fairseq has no checkpointing
+    for impl in impls:
         spec = {
             "impl": impl, "workload": name, "kind": kind, "bf16": bf16, "checkpointing": checkpointing,
-            "step_in_backward": step_in_backward and impl.startswith("ours"), "device": args.device, "threads": args.threads, "preset": args.preset, "optim": args.optim,
-            "warmup": args.warmup, "inputs": inputs_path,
+            "step_in_backward": step_in_backward and impl.startswith("ours"), "device": args.device,
+            "threads": args.threads, "preset": args.preset, "optim": args.optim, "warmup": args.warmup,
+            "inputs": inputs_path, "fairseq_path": args.fairseq_path,
         }
         workers[impl] = Worker(spec, worker_env(args.env))
         workers[impl].read()  # built and warmed up (one at a time: the other worker is not running yet)
     pids = [w.proc.pid for w in workers.values()]
     reps = args.reps or (3 if args.quick else 9 if kind == "infer" else 5)
-    times = {impl: [] for impl in args.impls}
-    noise = {impl: [] for impl in args.impls}
-    util = {impl: [] for impl in args.impls}
+    times = {impl: [] for impl in impls}
+    noise = {impl: [] for impl in impls}
+    util = {impl: [] for impl in impls}
     waited = 0.0
     for rep in range(reps):
-        order = list(args.impls) if rep % 2 == 0 else list(reversed(args.impls))
+        order = impls if rep % 2 == 0 else impls[::-1]
         for impl in order:
             waited += LoadMeter.wait_quiet(args.quiet, args.max_wait, pids)
             pid = workers[impl].proc.pid
@@ -624,6 +679,7 @@ def markdown_table(rows: list[dict], ceiling: dict, args) -> str:
 
 
 SPEED_TARGETS = {"train-fp32": 1.4, "train-bf16": 1.6, "infer-fp32": 1.05, "infer-bf16": 1.3}  # ours vs HF (issue 5)
+FAIRSEQ_SPEED_TARGETS = {"train-fp32": 1.25}
 MEMORY_TARGETS = {"train-fp32": 1.0, "train-fp32-ckpt": 0.7}  # of HF's train-fp32 peak
 
 
@@ -636,6 +692,12 @@ def targets_table(rows: list[dict]) -> str:
         if row and {"ours", "hf"} <= row["times"].keys():
             speed = paired_speedup(row["times"]["hf"], row["times"]["ours"])
             lines.append(f"| {name} speed-up >= {target}x | {speed:.2f}x | {'yes' if speed >= target else 'no'} |")
+    for name, target in FAIRSEQ_SPEED_TARGETS.items():
+        row = by_name.get(name)
+        if row and {"ours", "fairseq"} <= row["times"].keys():
+            speed = paired_speedup(row["times"]["fairseq"], row["times"]["ours"])
+            lines.append(f"| {name} speed-up vs fairseq >= {target}x | {speed:.2f}x "
+                         f"| {'yes' if speed >= target else 'no'} |")
     reference = by_name.get("train-fp32", {}).get("memory", {}).get("hf")
     for name, target in MEMORY_TARGETS.items():
         row = by_name.get(name)
@@ -686,7 +748,7 @@ torch {machine['torch']}, transformers {machine['transformers']}, Python {machin
 Model: `{args.preset}` preset, random weights; HF: `Wav2Vec2Model` (inference) / `Wav2Vec2ForPreTraining` (train)
 with the same architecture, SDPA attention. Optimiser: AdamW ({args.optim}) for both; ours steps each parameter
 inside backward as `python -m xlsr.pretrain` does on the CPU (same updates), except in train-fp32-stepafter.
-Worker environment settings: {', '.join(args.env) or 'none'}.
+Worker environment settings (the same for both): {', '.join(environment_settings(args.env)) or 'none'}.
 {reps_text} interleaved repetitions per implementation after {args.warmup} warm-up; each implementation and workload
 in its own process (peak RSS = that process's peak, imports and model included).
 
@@ -827,13 +889,25 @@ def mfu_mode(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- main
+def fairseq_importable(fairseq_path: str) -> bool:
+    """Whether fairseq's wav2vec 2.0 model imports (in a child process: its import is slow and noisy)."""
+    code = ("import os, sys; sys.path += [p for p in sys.argv[1].split(os.pathsep) if p]; "
+            "import fairseq.models.wav2vec.wav2vec2")
+    result = subprocess.run([sys.executable, "-c", code, fairseq_path], capture_output=True, text=True)
+    return result.returncode == 0
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--mfu", action="store_true", help="GPU-style MFU mode (implied by --device cuda)")
     parser.add_argument("--quick", action="store_true", help="3 repetitions, 1 warm-up")
     parser.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS), help=f"comma list of {list(WORKLOADS)}")
-    parser.add_argument("--impls", default="ours,hf", help="comma list: ours, ours+compile, hf")
+    parser.add_argument("--impls", default=None,
+                        help="comma list of ours, ours+compile, hf, fairseq (default: ours,hf, and fairseq when it "
+                             "imports)")
+    parser.add_argument("--fairseq-path", default=os.environ.get("XLSR_BENCH_FAIRSEQ_PATH", ""),
+                        help="where fairseq and what it needs can be imported from (os.pathsep-separated)")
     parser.add_argument("--preset", default="xlsr-300m")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=None,
@@ -864,6 +938,8 @@ def main(argv=None) -> None:
     if args.mfu_worker:
         return mfu_worker_main(json.loads(args.mfu_worker))
 
+    if args.impls is None:
+        args.impls = "ours,hf" + (",fairseq" if fairseq_importable(args.fairseq_path) else "")
     args.impls = [i for i in args.impls.split(",") if i]
     args.workloads = [w for w in args.workloads.split(",") if w]
     unknown = [w for w in args.workloads if w not in WORKLOADS]
