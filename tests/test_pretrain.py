@@ -255,7 +255,7 @@ def test_bad_file_in_manifest_is_skipped_and_counted(corpus, tmp_path, caplog):
 def test_step_in_backward_gives_the_same_updates(corpus, tmp_path):
     """The optimizer applied per parameter inside backward: same losses and weights as the normal step."""
     common = ("optim.max_update=6", "checkpoint.save_interval_updates=6", "threads=1", "optim.clip_norm=0")
-    normal = run_in_process(compose_config(overrides(corpus, tmp_path / "a", *common, "optim.step_in_backward=false")))
+    normal = run_in_process(compose_config(overrides(corpus, tmp_path / "a", *common)))
     inline = run_in_process(compose_config(overrides(corpus, tmp_path / "b", *common, "optim.step_in_backward=true")))
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     # the same elementwise update of each parameter, so the same floats (the grad norm is summed in another order)
@@ -266,14 +266,6 @@ def test_step_in_backward_gives_the_same_updates(corpus, tmp_path):
     assert inline.optimizer.state_dict()["state"].keys() == normal.optimizer.state_dict()["state"].keys()
     assert all(p.grad is None for p in inline.model.parameters())  # nothing held between updates
     assert inline.step_in_backward is not None and normal.step_in_backward is None
-
-
-def test_step_in_backward_default_is_on_for_one_cpu_process_only(corpus, tmp_path):
-    from xlsr.pretrain.trainer import Trainer
-
-    assert Trainer(compose_config(overrides(corpus, tmp_path / "a", "device=cpu", "optim.clip_norm=0"))).step_in_backward is not None
-    accumulating = compose_config(overrides(corpus, tmp_path / "b", "device=cpu", "optim.update_freq=2"))
-    assert Trainer(accumulating).step_in_backward is None  # the default steps as usual where it cannot apply
 
 
 @pytest.mark.parametrize("setting", ["optim.update_freq=2", "optim.clip_norm=1.0", "precision=fp16"])

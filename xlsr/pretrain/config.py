@@ -64,10 +64,9 @@ class OptimConfig:
     power: float = 1.0
     clip_norm: float = 0.0  # 0 = no clipping
     update_freq: int = 1  # gradient accumulation: micro-batches per update
-    # update each parameter inside backward and free its gradient at once: the same updates without holding a
-    # gradient for every weight (one process, update_freq 1, no clipping, not fp16; xlsr/pretrain/step_in_backward.py).
-    # null = on where it applies and the device is the CPU (where it is also faster); true = required; false = off
-    step_in_backward: Optional[bool] = None
+    # memory saver: update each parameter inside backward and free its gradient at once (the same updates; no
+    # gradient for every weight held). One process, update_freq 1, no clipping, not fp16. step_in_backward.py
+    step_in_backward: bool = False
 
 
 @dataclass

@@ -6,6 +6,9 @@ its gradient, applies the optimizer to that one parameter and frees the gradient
 exist at a time. The update is the same as the normal step's (the optimizer's per-parameter arithmetic is
 elementwise), and the optimizer and its state dict are the ordinary ones, so checkpoints do not change.
 
+On the CPU the trainer pairs it with ``return_large_blocks_to_os`` (below): without it, glibc's heap fragments
+and eats the saving.
+
 What it cannot do, because no parameter waits for the others: gradient clipping by the global norm, fp16 loss
 scaling (an overflow is found only after some parameters have moved), gradient accumulation over micro-batches
 and DDP (whose all-reduce comes after the local gradient). ``step_in_backward_conflicts`` names them.
@@ -13,6 +16,9 @@ and DDP (whose all-reduce comes after the local gradient). ``step_in_backward_co
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import sys
 from typing import Iterable
 
 import torch
@@ -69,3 +75,25 @@ def step_in_backward_conflicts(world_size: int, update_freq: int, clip_norm: flo
     if precision == "fp16":
         conflicts.append("precision=fp16: an overflow would be found after some parameters had moved (use bf16)")
     return conflicts
+
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def return_large_blocks_to_os(threshold_bytes: int = 1 << 20) -> bool:
+    """Make glibc serve every block of ``threshold_bytes`` or more from its own mapping, given back on free.
+
+    Freeing each gradient in the middle of the backward pass, between activations, leaves holes in glibc's heap
+    that later requests do not fit: measured on XLS-R 300M (2 x 4 s, fp32), the free part of the heap grew by
+    0.3 GiB per step and the peak RSS from 4.7 to 8.3 GiB in 7 steps. With large blocks mapped and unmapped
+    instead, RSS stays flat (4.0 GiB between steps, 4.9 GiB peak) at the cost of faulting in fresh pages.
+    Process-wide and permanent (glibc's ``mallopt(M_MMAP_THRESHOLD)``); returns False where it does not apply
+    (not Linux/glibc).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
+    except (OSError, AttributeError):
+        return False

@@ -33,7 +33,7 @@ from xlsr.pretrain import checkpointing
 from xlsr.pretrain.config import PretrainConfig
 from xlsr.pretrain.data import build_dataloader, set_loader_epoch
 from xlsr.pretrain.loss import compute_loss
-from xlsr.pretrain.step_in_backward import StepInBackward, step_in_backward_conflicts
+from xlsr.pretrain.step_in_backward import StepInBackward, return_large_blocks_to_os, step_in_backward_conflicts
 
 logger = logging.getLogger("xlsr.pretrain")
 
@@ -154,16 +154,14 @@ class Trainer:
         return torch.optim.AdamW(self.model.parameters(), **kwargs)
 
     def _attach_step_in_backward(self) -> StepInBackward | None:
-        """``optim.step_in_backward``: true = required, null = where it applies and the device is the CPU."""
-        choice = self.cfg.optim.step_in_backward
-        if choice is False:
+        if not self.cfg.optim.step_in_backward:
             return None
         o = self.cfg.optim
         conflicts = step_in_backward_conflicts(self.world_size, o.update_freq, o.clip_norm, self.cfg.precision)
-        if conflicts and choice:
+        if conflicts:
             raise ValueError("optim.step_in_backward=true cannot be combined with " + "; ".join(conflicts))
-        if conflicts or (choice is None and self.device.type != "cpu"):
-            return None
+        if self.device.type == "cpu":
+            return_large_blocks_to_os()
         return StepInBackward(self.optimizer, self.model.parameters())
 
     # ------------------------------------------------------------------ state
