@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Speed and memory of xlsr against Hugging Face transformers' Wav2Vec2, on the XLS-R 300M architecture.
+"""Speed and memory of xlsr against Hugging Face transformers' Wav2Vec2 and fairseq, on the XLS-R 300M architecture.
 
 One command:
 
@@ -10,7 +10,8 @@ One command:
 
 CPU mode
     1. A matmul ceiling: torch.matmul on large square matrices, fp32 and bf16, at ``--threads`` threads.
-    2. Per workload, one fresh worker process per implementation (ours, HF); both build their model on the same
+    2. Per workload, one fresh worker process per implementation (ours, HF, and fairseq's own model where it
+       imports: ``--fairseq-path``, benchmarks/README.md); each builds its model on the same
        inputs (audio, mask, negatives written once by this process), then the repetitions are INTERLEAVED:
        ours, hf, hf, ours, ours, hf, ... so that drifts in machine speed hit both alike. Peak memory is the
        worker's own peak RSS (``getrusage``), so each number covers one implementation and one workload.
@@ -750,7 +751,8 @@ torch {machine['torch']}, transformers {machine['transformers']}, Python {machin
 Model: `{args.preset}` preset, random weights; HF: `Wav2Vec2Model` (inference) / `Wav2Vec2ForPreTraining` (train)
 with the same architecture, SDPA attention. Optimiser: AdamW ({args.optim}) for all; in train-fp32-lowmem ours
 applies it inside backward (`optim.step_in_backward=true`: the same updates), the others after backward.
-Worker environment settings (the same for both): {', '.join(environment_settings(args.env)) or 'none'}.
+Worker environment settings (the same for all): {', '.join(environment_settings(args.env)) or 'none'}.
+fairseq: {fairseq_description(args) or 'not run'}.
 {reps_text} interleaved repetitions per implementation after {args.warmup} warm-up; each implementation and workload
 in its own process (peak RSS = that process's peak, imports and model included).
 
@@ -891,6 +893,14 @@ def mfu_mode(args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- main
+def fairseq_description(args) -> str:
+    """Which fairseq ran (the source folder's name, e.g. fairseq_fixed-0.12.3.1), or '' when it did not."""
+    if "fairseq" not in args.impls:
+        return ""
+    folders = [Path(p).name for p in args.fairseq_path.split(os.pathsep) if (Path(p) / "fairseq").is_dir()]
+    return f"its own Wav2Vec2Model, source {', '.join(folders) or 'installed package'} (benchmarks/README.md)"
+
+
 def fairseq_importable(fairseq_path: str) -> bool:
     """Whether fairseq's wav2vec 2.0 model imports (in a child process: its import is slow and noisy)."""
     code = ("import os, sys; sys.path += [p for p in sys.argv[1].split(os.pathsep) if p]; "
