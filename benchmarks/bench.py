@@ -280,11 +280,9 @@ class Runner:
         if train:
             self.optimizer = make_optimizer(model.parameters(), spec["optim"], self.device)
             if spec.get("step_in_backward"):  # as the trainer sets it up
-                from xlsr.pretrain.step_in_backward import StepInBackward, return_large_blocks_to_os
+                from xlsr.pretrain.step_in_backward import attach_step_in_backward
 
-                if self.device.type == "cpu":
-                    return_large_blocks_to_os()
-                self.step_in_backward = StepInBackward(self.optimizer, model.parameters())
+                self.step_in_backward = attach_step_in_backward(self.optimizer, model.parameters(), self.device)
 
     def _autocast(self):
         return self.torch.autocast(self.device.type, dtype=self.torch.bfloat16, enabled=self.bf16)
@@ -363,11 +361,10 @@ def fairseq_model(cfg, fairseq_path: str):
     from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Config as FairseqConfig
     from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Model as FairseqModel
 
+    from xlsr.checkpoints.fairseq import config_to_fairseq
+
     fields = {f.name for f in dataclasses.fields(FairseqConfig)}
-    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.name in fields}
-    values["conv_feature_layers"] = str([tuple(layer) for layer in cfg.conv_layers])
-    values["extractor_mode"] = {"group_norm": "default", "layer_norm": "layer_norm"}[cfg.extractor_mode]
-    values["latent_temp"] = tuple(cfg.latent_temp)
+    values = {key: value for key, value in config_to_fairseq(cfg).items() if key in fields}
     return FairseqModel(FairseqConfig(**values))
 
 

@@ -220,3 +220,24 @@ def test_conv_layer_expressions_parse_without_eval(spec, expected):
 def test_conv_layer_expressions_reject_code(spec):
     with pytest.raises(ValueError):
         parse_conv_layers(spec)
+
+
+def test_config_to_fairseq_is_the_inverse_of_config_from_fairseq():
+    from xlsr.checkpoints.fairseq import config_from_fairseq, config_to_fairseq
+
+    official = torch.load(FIXTURES / "official" / "xlsr2_300m_config_only.pt", weights_only=True)["cfg"]["model"]
+    ours = config_from_fairseq(official, {})
+    exported = config_to_fairseq(ours)
+    def same(key, a, b):
+        if key == "conv_feature_layers":
+            return parse_conv_layers(a) == parse_conv_layers(b)
+        return (tuple(a) if isinstance(a, (list, tuple)) else a) == (tuple(b) if isinstance(b, (list, tuple)) else b)
+
+    shared = [key for key in exported if key in official]
+    assert len(shared) > 30
+    for key in shared:  # every field we write has the released cfg's value
+        assert same(key, exported[key], official[key]), (key, exported[key], official[key])
+    for preset in xlsr.PRESETS:
+        cfg = xlsr.Wav2Vec2Config.from_preset(preset)
+        back = config_from_fairseq(config_to_fairseq(cfg), {"normalize": cfg.normalize, "sample_rate": cfg.sample_rate})
+        assert back == cfg, preset

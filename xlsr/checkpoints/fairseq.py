@@ -127,6 +127,24 @@ def config_from_fairseq(model_cfg: dict[str, Any], task_cfg: dict[str, Any]) -> 
     return Wav2Vec2Config(**values)
 
 
+def config_to_fairseq(cfg: Wav2Vec2Config) -> dict[str, Any]:
+    """Wav2Vec2Config -> fairseq's model cfg fields (the inverse of ``config_from_fairseq``; ``normalize`` and
+    ``sample_rate`` belong to fairseq's task cfg and are left out)."""
+    ours_to_fairseq = {ours: theirs for theirs, ours in _RENAMED_FIELDS.items()}
+    modes = {ours: theirs for theirs, ours in _EXTRACTOR_MODES.items()}
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in ("normalize", "sample_rate"):
+            continue
+        if f.name == "conv_layers":
+            value = str([tuple(layer) for layer in value])
+        elif f.name == "extractor_mode":
+            value = modes[value]
+        values[ours_to_fairseq.get(f.name, f.name)] = value
+    return values
+
+
 def read_fairseq_checkpoint(checkpoint: Any, path: str | Path) -> tuple[Wav2Vec2Config, dict, dict]:
     """An unpickled fairseq ``.pt`` (read from ``path``) -> (config, our state dict, info).
 

@@ -6,7 +6,7 @@ its gradient, applies the optimizer to that one parameter and frees the gradient
 exist at a time. The update is the same as the normal step's (the optimizer's per-parameter arithmetic is
 elementwise), and the optimizer and its state dict are the ordinary ones, so checkpoints do not change.
 
-On the CPU the trainer pairs it with ``return_large_blocks_to_os`` (below): without it, glibc's heap fragments
+On the CPU ``attach_step_in_backward`` pairs it with ``return_large_blocks_to_os`` (below): without it, glibc's heap fragments
 and eats the saving.
 
 What it cannot do, because no parameter waits for the others: gradient clipping by the global norm, fp16 loss
@@ -56,12 +56,14 @@ class StepInBackward:
         self._norms = []
         return norm
 
-    def remove(self) -> None:
-        """Detach the hooks: ``backward()`` leaves gradients in ``.grad`` again."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
+def attach_step_in_backward(
+    optimizer: torch.optim.Optimizer, params: Iterable[torch.nn.Parameter], device: torch.device
+) -> StepInBackward:
+    """``StepInBackward`` as the trainer uses it: on the CPU also ``return_large_blocks_to_os()``."""
+    if device.type == "cpu":
+        return_large_blocks_to_os()
+    return StepInBackward(optimizer, params)
 
 def step_in_backward_conflicts(world_size: int, update_freq: int, clip_norm: float, precision: str) -> list[str]:
     """The settings that the optimizer step inside backward cannot honour (empty when it applies)."""

@@ -33,7 +33,7 @@ from xlsr.pretrain import checkpointing
 from xlsr.pretrain.config import PretrainConfig
 from xlsr.pretrain.data import build_dataloader, set_loader_epoch
 from xlsr.pretrain.loss import compute_loss
-from xlsr.pretrain.step_in_backward import StepInBackward, return_large_blocks_to_os, step_in_backward_conflicts
+from xlsr.pretrain.step_in_backward import StepInBackward, attach_step_in_backward, step_in_backward_conflicts
 
 logger = logging.getLogger("xlsr.pretrain")
 
@@ -160,9 +160,7 @@ class Trainer:
         conflicts = step_in_backward_conflicts(self.world_size, o.update_freq, o.clip_norm, self.cfg.precision)
         if conflicts:
             raise ValueError("optim.step_in_backward=true cannot be combined with " + "; ".join(conflicts))
-        if self.device.type == "cpu":
-            return_large_blocks_to_os()
-        return StepInBackward(self.optimizer, self.model.parameters())
+        return attach_step_in_backward(self.optimizer, self.model.parameters(), self.device)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -329,7 +327,7 @@ class Trainer:
                     out = self.forward_model(source, padding_mask, layer_keep=self._layer_keep(micro_step))
                     loss = compute_loss(out, tuple(cfg.model.loss_weights))
                 if self.step_in_backward is not None:  # one micro-batch, one process: its sample size is final
-                    self.step_in_backward.grad_scale = 1.0 / max(loss.sample_size, 1.0)
+                    self.step_in_backward.grad_scale = self._gradient_scale(loss.sample_size)
                 self.scaler.scale(loss.total * weight).backward()
             totals.add(loss, out, weight, audio_seconds=source.shape[0] * source.shape[1] / self.model_cfg.sample_rate)
 
@@ -355,11 +353,14 @@ class Trainer:
         self.metrics.check_health(self.num_updates, record, self.model_cfg.num_codevectors)
         return record
 
+    def _gradient_scale(self, sample_size: float) -> float:
+        """DDP averaged the gradients over ranks; this makes them the sum over all masked frames / their number."""
+        return self.world_size / max(sample_size, 1.0)
+
     def _optimizer_step(self, sample_size: float) -> tuple[float, float, bool]:
         """Normalise the summed gradients, clip, step, zero. Returns (grad norm, loss scale before, overflow)."""
         self.scaler.unscale_(self.optimizer)
-        # DDP averaged the gradients over ranks; make them the sum over all masked frames / their number
-        scale = self.world_size / max(sample_size, 1.0)
+        scale = self._gradient_scale(sample_size)
         for p in self.model.parameters():
             if p.grad is not None:
                 p.grad.mul_(scale)
