@@ -106,14 +106,15 @@ class PretrainConfig:
 
 
 def register_configs() -> None:
-    """Register the schema with hydra so ``conf/pretrain.yaml`` is validated against it."""
+    """Register the schema with hydra so ``xlsr/conf/pretrain.yaml`` is validated against it."""
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
     store.store(name="pretrain_schema", node=PretrainConfig)
 
 
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# Package data (declared in pyproject.toml), so a wheel install finds it too; shared by the package's hydra apps.
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def compose_config(overrides: list[str] | None = None) -> PretrainConfig:
