@@ -279,19 +279,34 @@ def test_same_seed_same_batches_other_epoch_other_order():
     assert list(unshuffled) == list(LengthBatchSampler(sizes, 12000, shuffle=False, epoch=9))
 
 
-def test_ranks_get_disjoint_equal_shards_of_the_same_batches():
+@pytest.mark.parametrize("num_replicas", [2, 4])
+def test_ranks_get_disjoint_equal_shards_of_every_batch(num_replicas):
     sizes = random_sizes(n=503)
     single = LengthBatchSampler(sizes, 12000, seed=4, epoch=1)
     everything = single.global_batches()
-    shards = [list(LengthBatchSampler(sizes, 12000, seed=4, epoch=1, num_replicas=2, rank=r)) for r in (0, 1)]
-    assert len(shards[0]) == len(shards[1]) == len(everything) // 2
-    as_sets = [{tuple(b) for b in shard} for shard in shards]
-    assert not as_sets[0] & as_sets[1]
-    kept = everything[: 2 * len(shards[0])]  # truncated so both ranks have as many batches
-    assert as_sets[0] | as_sets[1] == {tuple(b) for b in kept}
+    assert len(everything) % num_replicas  # the case that used to lose the last batches
+    shards = [list(LengthBatchSampler(sizes, 12000, seed=4, epoch=1, num_replicas=num_replicas, rank=r))
+              for r in range(num_replicas)]
+    rounds = -(-len(everything) // num_replicas)
+    assert all(len(shard) == rounds for shard in shards)  # every rank takes as many steps
+    for step in range(rounds):  # step s of rank r is global batch s * num_replicas + r, or empty past the end
+        for rank, shard in enumerate(shards):
+            position = step * num_replicas + rank
+            assert shard[step] == (everything[position] if position < len(everything) else [])
+    assert sorted(i for shard in shards for b in shard for i in b) == sorted(i for b in everything for i in b)
     assert list(single) == everything
     with pytest.raises(ValueError, match="rank"):
         LengthBatchSampler(sizes, 12000, num_replicas=2, rank=2)
+
+
+def test_empty_padding_batch_collates_to_none(tmp_path):
+    manifest, _ = make_corpus(tmp_path / "d", [1000, 1200, 1400])
+    cfg = DataConfig(manifest=manifest, min_sample_size=0, max_sample_size=1400, max_tokens=1400, num_workers=0)
+    rank_batches = [list(build_dataloader(cfg, manifest, normalize=False, seed=0, epoch=0, rank=r, world_size=2))
+                    for r in (0, 1)]
+    assert [len(b) for b in rank_batches] == [2, 2]
+    assert rank_batches[1][1] is None and all(b is not None for b in rank_batches[0] + rank_batches[1][:1])
+    assert sorted(int(i) for batches in rank_batches for b in batches if b is not None for i in b["id"]) == [0, 1, 2]
 
 
 def test_start_resumes_mid_epoch():
@@ -425,3 +440,32 @@ def test_config_works_as_structured_config(tmp_path):
     cfg.merge_with({"min_sample_size": 500, "max_sample_size": 2000, "max_tokens": 4000, "num_workers": 0})
     loader = build_dataloader(cfg, cfg.manifest, normalize=True, seed=0, epoch=0)
     assert sum(len(b["id"]) for b in loader) == 3
+
+
+def test_resampled_items_are_sized_at_the_target_rate(tmp_path):
+    """An 8 kHz file of 2 s is 32000 samples at 16 kHz: crops and size filters must count those, also with
+    skip_bad=true (which otherwise reads no headers)."""
+    root = tmp_path / "d"
+    root.mkdir()
+    soundfile.write(root / "narrowband.wav", np.random.default_rng(0).uniform(-0.3, 0.3, 16000).astype(np.float32), 8000)
+    manifest = write_manifest_lines(root / "train.tsv", root, [("narrowband.wav", 16000)])  # the file's own count
+    cfg = DataConfig(manifest=manifest, resample=True, skip_bad=True, min_sample_size=20000, max_sample_size=40000,
+                     max_tokens=40000, num_workers=0)
+    loader = build_dataloader(cfg, manifest, normalize=False, seed=0, epoch=0)
+    assert loader.dataset.sizes.tolist() == [32000]
+    (batch,) = list(loader)
+    assert batch["source"].shape == (1, 32000)
+
+
+def test_alpha_weights_corpora_by_duration_not_file_count(tmp_path):
+    """XLS-R's shares are hours of audio: 10 long files outweigh 30 short ones."""
+    long, _ = make_corpus(tmp_path / "long", [4000, 5000] * 5, prefix="long")  # 10 files, 45000 samples
+    short, _ = make_corpus(tmp_path / "short", [500, 1000, 1500] * 10, prefix="short")  # 30 files, 30000 samples
+    dataset = AudioDataset(f"{long},{short}", sampling_alpha=0.5, seed=3)
+    share = np.array([45000, 30000]) / 75000
+    target = share**0.5 / (share**0.5).sum()
+    np.testing.assert_allclose(dataset.corpus_ratios(), target / share)
+    assert dataset.corpus_ratios()[0] < 1 < dataset.corpus_ratios()[1]  # by file count it would be the reverse
+    counts = corpus_counts(dataset)
+    expected = [round(10 * target[0] / share[0]), round(30 * target[1] / share[1])]
+    assert counts.tolist() == expected

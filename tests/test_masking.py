@@ -59,10 +59,19 @@ def test_masked_fraction_with_padding_matches_fairseq(time):
 
 @pytest.mark.parametrize("time", [0, 1, 2, 5, 9, 10, 11])
 def test_short_inputs_do_not_crash(time):
-    mask = xlsr.compute_mask_indices((3, time), **PARAMS, generator=torch.Generator().manual_seed(0))
-    assert mask.shape == (3, time)
-    if time > 0:
-        assert mask.sum(1).min() < time + 1
+    """As fairseq's sampler: below ~2 spans, min_masks=2 span starts are drawn from the first 3 frames, so at least
+    T - 1 of T frames are masked (T >= 2), and require_same_masks gives every row the same count."""
+    for seed in range(30):
+        mask = xlsr.compute_mask_indices((3, time), **PARAMS, generator=torch.Generator().manual_seed(seed))
+        assert mask.shape == (3, time) and mask.dtype == torch.bool
+        counts = mask.sum(1)
+        assert (counts == counts[0]).all(), counts
+        if time == 0:
+            assert counts.sum() == 0
+        elif time == 1:
+            assert counts[0] <= 1
+        else:
+            assert counts[0] >= time - 1, (seed, counts)
 
 
 def test_no_overlap_spans_keep_min_space():
@@ -133,3 +142,29 @@ def test_cross_sample_negatives_come_from_other_masked_frames():
     for flat in flat_mask.nonzero().flatten().tolist():
         cross = negatives.view(-1, 10)[flat, 4:]
         assert flat_mask[cross].all() and (cross != flat).all()
+
+
+@pytest.mark.parametrize("before", [False, True])
+def test_channel_mask_before_or_after_the_time_mask(before):
+    """fairseq's mask_channel_before: zero the channels first (masked frames then hold the whole mask embedding),
+    or after the time mask (the mask embedding loses those channels too)."""
+    cfg = xlsr.Wav2Vec2Config.from_preset("tiny", mask_channel_prob=0.5, mask_channel_length=4,
+                                          mask_channel_before=before)
+    torch.manual_seed(0)
+    model = xlsr.Wav2Vec2Model(cfg).eval()
+    seen = {}
+    model.encoder.register_forward_pre_hook(lambda module, args: seen.update(x=args[0].detach()))
+    source = torch.randn(2, 16000)
+    with torch.no_grad():
+        out = model(source)
+    x, time_mask = seen["x"], out.mask_indices
+    embedding = model.mask_embedding.detach()
+    for row in range(2):
+        unmasked = x[row][~time_mask[row]]
+        zeroed = (unmasked == 0).all(0)  # (D,) the channels masked in this row
+        assert 0 < int(zeroed.sum()) < cfg.encoder_embed_dim
+        masked = x[row][time_mask[row]]
+        if before:
+            assert torch.equal(masked, embedding.expand_as(masked))
+        else:
+            assert torch.equal(masked, embedding.masked_fill(zeroed, 0.0).expand_as(masked))

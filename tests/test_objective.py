@@ -110,12 +110,17 @@ def test_overfit_single_batch():
     negatives = xlsr.sample_negatives(mask, cfg.num_negatives, generator=gen)
     losses = []
     for _ in range(40):
-        loss = compute_loss(model(source, mask_indices=mask, negative_indices=negatives), (0.1, 0.0))
+        out = model(source, mask_indices=mask, negative_indices=negatives)
+        loss = compute_loss(out, (0.1, 0.0))
         optimizer.zero_grad()
         (loss.total / loss.sample_size).backward()
         optimizer.step()
         losses.append(loss.contrastive.item() / loss.sample_size)
     assert losses[-1] < 0.5 * losses[0], losses
+    # learnt, not collapsed: a collapsed codebook makes the negatives equal the positive and the loss fall anyway
+    chance = 1 / (1 + cfg.num_negatives)
+    assert loss.correct / loss.count > 10 * chance, loss.correct / loss.count
+    assert float(out.code_perplexity) > 0.25 * cfg.num_codevectors, float(out.code_perplexity)
 
 
 def test_temperature_schedule():

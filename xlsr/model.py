@@ -176,13 +176,17 @@ class Wav2Vec2Model(nn.Module):
             raise ValueError(f"mask_indices has shape {tuple(mask_indices.shape)}, expected {(batch, time)}")
         if not mask_indices.any():
             raise ValueError("no frame is masked: the contrastive task needs at least one masked frame")
-        x = torch.where(mask_indices.unsqueeze(-1), self.mask_embedding.to(x.dtype), x)
-        if cfg.mask_channel_prob > 0 and self.training:
+        channel_mask = None  # (B, 1, D): channels zeroed in every frame, as fairseq's apply_mask
+        if cfg.mask_channel_prob > 0:
             channel_mask = compute_channel_mask(
                 batch, x.shape[-1], cfg.mask_channel_prob, cfg.mask_channel_length,
                 cfg.no_mask_channel_overlap, cfg.mask_channel_min_space,
-            ).to(x.device)
-            x = x.masked_fill(channel_mask.unsqueeze(1), 0.0)
+            ).to(x.device).unsqueeze(1)
+        if channel_mask is not None and cfg.mask_channel_before:  # masked frames get the whole mask embedding
+            x = x.masked_fill(channel_mask, 0.0)
+        x = torch.where(mask_indices.unsqueeze(-1), self.mask_embedding.to(x.dtype), x)
+        if channel_mask is not None and not cfg.mask_channel_before:  # the mask embedding loses those channels too
+            x = x.masked_fill(channel_mask, 0.0)
 
         x, _ = self.encoder(x, frame_padding, layer_keep=layer_keep)
 

@@ -126,7 +126,6 @@ class TransformerEncoder(nn.Module):
             for _ in range(num_layers)
         )
         self.gradient_checkpointing = False
-        self.zero_grad_for_dropped_layers = False  # set under DDP: dropped layers still get (zero) gradients
         self.apply(_init_linear)
 
     def forward(
@@ -160,8 +159,6 @@ class TransformerEncoder(nn.Module):
                 else:
                     x = block(x, attn_mask)
                 layer_results.append(x)
-            elif self.zero_grad_for_dropped_layers and self.training and torch.is_grad_enabled():
-                x = x + 0.0 * sum(p.sum() for p in block.parameters())
             if index == layer:
                 return x, layer_results
         if self.layer_norm_first:

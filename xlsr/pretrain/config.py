@@ -64,6 +64,7 @@ class OptimConfig:
     power: float = 1.0
     clip_norm: float = 0.0  # 0 = no clipping
     update_freq: int = 1  # gradient accumulation: micro-batches per update
+    fp16_init_scale: float = 128.0  # precision=fp16: the loss scale to start from (fairseq's fp16_init_scale)
     # memory saver: update each parameter inside backward and free its gradient at once (the same updates; no
     # gradient for every weight held). One process, update_freq 1, no clipping, not fp16. step_in_backward.py
     step_in_backward: bool = False

@@ -7,7 +7,9 @@ three differences that matter for long runs:
   Generator seeded by ``(seed, epoch, ...)``, so batches and crops do not depend on the number
   of DataLoader workers, and a run resumed mid-epoch (``start_batch``) sees exactly the batches
   it would have seen;
-* DDP sharding is done on whole batches, truncated so that every rank has the same count;
+* DDP sharding is done on whole batches and loses none: when the batch count is not a multiple of the
+  number of ranks, the ranks left without a batch in the last round get an empty one (``[]``, collated to
+  None), which the trainer runs as a zero-weight pass, as fairseq's dummy batch;
 * bad files are reported by path, and either skipped (``skip_bad``) or refused up front.
 
 Batch layout (:func:`collate`): ``{"id": (B,) int64, "source": (B, S) float32,
@@ -200,7 +202,7 @@ class AudioDataset(Dataset):
             kept = 0
             for rel_path, num_samples in entries:
                 path = os.path.join(root, rel_path)
-                if num_samples < min_sample_size:
+                if num_samples < min_sample_size and not (resample and check_headers):  # else: at the header's rate
                     too_short.append((path, f"too short ({num_samples} samples < min_sample_size {min_sample_size})"))
                 elif not os.path.exists(path) and (skip_bad or not check_headers):
                     missing.append((path, "file not found"))
@@ -405,7 +407,8 @@ class LengthBatchSampler(Sampler[list[int]]):
     first, ties in random order when shuffling), cut greedily into batches (sizes rounded down
     to ``required_batch_size_multiple`` where possible), then the batch order is shuffled.
     Everything is drawn from ``(seed, epoch)``, so all ranks build the same batch list; rank r
-    takes ``batches[r::num_replicas]`` after truncating to a multiple of ``num_replicas``.
+    takes ``batches[r::num_replicas]``, and the list is padded with empty batches (``[]``) to a
+    multiple of ``num_replicas``, so every rank has as many steps and no batch is lost.
 
     Iteration yields this rank's batches from position ``start`` (set in the constructor or
     ``set_epoch``, or passed to ``__iter__``) to resume an epoch exactly.
@@ -491,18 +494,13 @@ class LengthBatchSampler(Sampler[list[int]]):
 
     def _build_rank_batches(self) -> list[list[int]]:
         batches = self.global_batches()
-        per_rank = len(batches) // self.num_replicas
-        if per_rank == 0 and batches:
-            logger.warning(
-                "only %d batch(es) for %d ranks: every rank gets none this epoch",
-                len(batches),
-                self.num_replicas,
-            )
-        return batches[self.rank : per_rank * self.num_replicas : self.num_replicas]
+        rounds = -(-len(batches) // self.num_replicas)  # ceil: the last round may be short of batches
+        batches = batches + [[] for _ in range(rounds * self.num_replicas - len(batches))]
+        return batches[self.rank :: self.num_replicas]
 
     @property
     def total_batches(self) -> int:
-        """Batches of this rank in the whole epoch (ignoring ``start``)."""
+        """Batches of this rank in the whole epoch (ignoring ``start``), empty padding batches included."""
         return len(self._rank_batches)
 
     def __len__(self) -> int:
@@ -531,7 +529,8 @@ def build_dataloader(
     ``normalize`` is the model's choice, overridden by ``cfg.normalize`` when set. Corpus
     resampling (``cfg.sampling_alpha``) applies only when ``shuffle`` (training). With
     ``cfg.skip_bad=False`` every header is checked first and bad files raise one
-    :class:`BadFilesError`. Batches can be None when every file of a batch failed to load.
+    :class:`BadFilesError`, and with ``cfg.resample`` too (item sizes at ``cfg.sample_rate`` come from the
+    headers). Batches are None when every file of a batch failed to load, and for a rank's empty padding batch.
     Use :func:`set_loader_epoch` for later epochs; ``loader.dataset.num_skipped`` counts skips.
     """
     check_data_config(cfg)
@@ -551,7 +550,8 @@ def build_dataloader(
         sampling_alpha=cfg.sampling_alpha if shuffle else 1.0,
         skip_bad=cfg.skip_bad,
         resample=cfg.resample,
-        check_headers=not cfg.skip_bad,
+        # resampling changes item sizes: they must come from the headers' rates, not the manifest's counts
+        check_headers=not cfg.skip_bad or cfg.resample,
         seed=seed,
         epoch=epoch,
     )

@@ -18,6 +18,8 @@ class LossOutput:
     contrastive: torch.Tensor  # () cross-entropy summed over masked frames ("loss_0")
     diversity: torch.Tensor  # () (num_vars - prob_perplexity) / num_vars, unweighted
     features_penalty: torch.Tensor  # () mean squared conv feature, unweighted
+    diversity_term: torch.Tensor  # () w0 * diversity * sample_size: the part of ``total`` fairseq logs as loss_1
+    features_penalty_term: torch.Tensor  # () w1 * features_penalty * sample_size: logged as loss_2
     sample_size: int  # number of masked frames
     correct: int  # positives ranked first (ties where every logit is equal don't count)
     count: int  # rows scored
@@ -36,10 +38,13 @@ def compute_loss(out: PretrainingOutput, loss_weights: tuple[float, float] = (0.
     diversity = (out.num_vars - out.prob_perplexity.float()) / out.num_vars
     features_pen = out.features_pen.float()
     total = contrastive
+    diversity_term = features_penalty_term = torch.zeros((), device=logits.device)
     if loss_weights[0] != 0:
-        total = total + loss_weights[0] * diversity * sample_size
+        diversity_term = loss_weights[0] * diversity * sample_size
+        total = total + diversity_term
     if len(loss_weights) > 1 and loss_weights[1] != 0:
-        total = total + loss_weights[1] * features_pen * sample_size
+        features_penalty_term = loss_weights[1] * features_pen * sample_size
+        total = total + features_penalty_term
     with torch.no_grad():
         if logits.numel():
             is_max = logits.argmax(-1) == 0
@@ -52,6 +57,8 @@ def compute_loss(out: PretrainingOutput, loss_weights: tuple[float, float] = (0.
         contrastive=contrastive,
         diversity=diversity,
         features_penalty=features_pen,
+        diversity_term=diversity_term,
+        features_penalty_term=features_penalty_term,
         sample_size=sample_size,
         correct=correct,
         count=logits.shape[0],

@@ -1,17 +1,20 @@
 """The pretraining loop: one process on a CPU up to many GPUs and nodes with ``torchrun`` (DDP).
 
+Every batch of every epoch trains, in every layout. The epoch's batch list is the same on every rank; rank r of K
+takes batches r, r + K, ...; when K does not divide the batch count, the ranks left without one in the last round
+run a zero-weight "dummy" pass (as fairseq does) so that all ranks take part in the gradient all-reduce.
+
 Randomness is tied to the data, not to the process layout: before each micro-batch the RNGs are seeded from
-(seed, epoch, global batch index), so masks, negatives and dropout of a batch are the same whether it runs on rank 1
-of 2 or as the second micro-batch of one process, and a resumed run continues exactly.
+(seed, epoch, global batch index), and LayerDrop decisions are drawn once per update (the same for every
+micro-batch and rank). So one process with ``optim.update_freq=K`` and K ranks train the same batches with the
+same masks, negatives, dropout and layers, and a resumed run continues exactly.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
-import math
 import os
 import random
 import time
@@ -26,18 +29,18 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
 from xlsr.checkpoints.native import TRAINING_CHECKPOINT_MARK
-from xlsr.checkpoints.safe_pickle import safe_torch_load
+from xlsr.checkpoints.safe_pickle import CheckpointError, safe_torch_load
 from xlsr.config import Wav2Vec2Config
 from xlsr.model import Wav2Vec2Model
 from xlsr.pretrain import checkpointing
 from xlsr.pretrain.config import PretrainConfig
 from xlsr.pretrain.data import build_dataloader, set_loader_epoch
 from xlsr.pretrain.loss import compute_loss
+from xlsr.pretrain.metrics import MetricsLog, StepTotals, stats_to_record
 from xlsr.pretrain.step_in_backward import StepInBackward, attach_step_in_backward, step_in_backward_conflicts
 
 logger = logging.getLogger("xlsr.pretrain")
 
-LOG2 = math.log(2)
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -70,6 +73,7 @@ def build_model(cfg: PretrainConfig) -> Wav2Vec2Model:
     return model
 
 
+
 class Trainer:
     """Builds everything from a ``PretrainConfig`` and runs ``train()``."""
 
@@ -82,36 +86,42 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.output_dir = Path(cfg.output_dir)
         self.checkpoint_dir = self.output_dir / cfg.checkpoint.dir
-        if self.is_main:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(OmegaConf.structured(cfg), self.output_dir / "config.yaml")
 
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg).to(self.device)
         self.model_cfg = self.model.cfg
-        # DDP needs a gradient for every parameter: layers skipped by LayerDrop get an exact zero one
-        self.model.encoder.zero_grad_for_dropped_layers = self.world_size > 1
         if cfg.model.compile:
             self.model.compile_encoder(dynamic=True)  # batch lengths vary: one graph for all of them
-        self.ddp_model = (
-            DistributedDataParallel(self.model, device_ids=[local_rank] if self.device.type == "cuda" else None)
-            if self.world_size > 1
-            else None
-        )
+        self.ddp_model = None
+        if self.world_size > 1:
+            # LayerDrop skips the same layers on every rank (decisions drawn per update); DDP's unused-parameter
+            # search lets their parameters go without a gradient, exactly as in one process
+            self.ddp_model = DistributedDataParallel(
+                self.model, device_ids=[local_rank] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.model_cfg.encoder_layerdrop > 0,
+            )
         self.forward_model = self.ddp_model if self.ddp_model is not None else self.model
         if cfg.precision not in _DTYPES:
             raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {cfg.precision!r}")
         self.optimizer = self._build_optimizer()
         self.step_in_backward = self._attach_step_in_backward()
         self.autocast_dtype = _DTYPES[cfg.precision]
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, init_scale=cfg.optim.fp16_init_scale, enabled=cfg.precision == "fp16"
+        )
 
         self.num_updates = 0
         self.epoch = 1
-        self.batches_done_in_epoch = 0  # per rank
+        self.batches_done_in_epoch = 0  # per rank, padding batches included
         self.layerdrop_generator = torch.Generator()
         self.metrics = MetricsLog(self.output_dir, enabled=self.is_main, tensorboard=cfg.tensorboard)
-        self._maybe_resume()
+        self._saved_update = -1  # the update of the newest checkpoint on disk for this run
+        self._logged_update = -1  # the update of the newest "train" line
+        self._resume_or_start_fresh()
+        if self.is_main:
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(OmegaConf.structured(cfg), self.output_dir / "config.yaml")
+        self.metrics.open()
         self.model.set_num_updates(self.num_updates)
 
         self.train_loader = build_dataloader(
@@ -124,6 +134,10 @@ class Trainer:
                 cfg.data, cfg.data.valid_manifest, normalize=self.model_cfg.normalize, seed=cfg.seed, epoch=1,
                 rank=self.rank, world_size=self.world_size, shuffle=False,
             )
+        self._dummy_batch: dict | None = None  # what a rank without a batch runs at zero weight (DDP)
+        self.epoch_totals = StepTotals()  # this epoch's updates, for the end-of-epoch line
+        self._epoch_updates = 0
+        self._epoch_data_batches = 0  # batches with data this rank ran in this pass over the epoch
 
     # ------------------------------------------------------------------ setup
     def _init_distributed(self) -> tuple[int, int, int]:
@@ -162,6 +176,10 @@ class Trainer:
             raise ValueError("optim.step_in_backward=true cannot be combined with " + "; ".join(conflicts))
         return attach_step_in_backward(self.optimizer, self.model.parameters(), self.device)
 
+    def _barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -182,30 +200,7 @@ class Trainer:
             "config": OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True),
         }
 
-    def save_checkpoint(self) -> Path | None:
-        path = None
-        if self.is_main:
-            path = checkpointing.save_atomic(
-                self.state_dict(), checkpointing.checkpoint_path(self.checkpoint_dir, self.num_updates)
-            )
-            checkpointing.prune(self.checkpoint_dir, self.cfg.checkpoint.keep_last)
-            logger.info("saved %s", path)
-        if self.world_size > 1:
-            dist.barrier()
-        return path
-
-    def _maybe_resume(self) -> None:
-        choice = self.cfg.checkpoint.resume
-        if choice == "never":
-            return
-        if choice == "auto":
-            found = checkpointing.list_checkpoints(self.checkpoint_dir)
-            if not found:
-                return
-            path = found[-1]
-        else:
-            path = Path(choice)
-        state = safe_torch_load(path)
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
@@ -218,71 +213,148 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
         np.random.set_state(rng["numpy"])
         random.setstate(rng["python"])
+
+    def save_checkpoint(self) -> Path | None:
+        path = None
         if self.is_main:
-            logger.info("resumed from %s at update %d (epoch %d, batch %d)", path, self.num_updates, self.epoch,
-                        self.batches_done_in_epoch)
+            path = checkpointing.save_atomic(
+                self.state_dict(), checkpointing.checkpoint_path(self.checkpoint_dir, self.num_updates)
+            )
+            checkpointing.prune(self.checkpoint_dir, self.cfg.checkpoint.keep_last)
+            logger.info("saved %s", path)
+        self._saved_update = self.num_updates
+        self._barrier()
+        return path
+
+    def _resume_or_start_fresh(self) -> None:
+        """``checkpoint.resume``: auto = continue this output_dir's run from its newest readable checkpoint;
+        never = start a new run; a path = start from that checkpoint. A new run first moves an earlier run's
+        outputs in output_dir to ``previous_runs/<time>/`` (checkpointing.archive_previous_run)."""
+        choice = self.cfg.checkpoint.resume
+        state, path, unreadable = None, None, []
+        if choice == "auto":
+            for candidate in reversed(checkpointing.list_checkpoints(self.checkpoint_dir)):
+                try:
+                    state, path = _load_training_checkpoint(candidate), candidate
+                    break
+                except CheckpointError as err:
+                    logger.warning("cannot resume from %s: %s; trying the one before", candidate, err)
+                    unreadable.append(candidate)
+        elif choice != "never":
+            path = Path(choice)
+            state = _load_training_checkpoint(path)
+        if state is not None:
+            self.load_state_dict(state)
+            del state
+        self._barrier()  # every rank has read the checkpoint before rank 0 moves files
+        if self.is_main:
+            for bad in unreadable:  # kept for inspection, never picked again
+                bad.rename(bad.with_name(bad.name + ".unreadable"))
+            if choice == "auto" and path is not None:
+                self.metrics.drop_after(self.num_updates)  # lines after the checkpoint are logged again
+            else:
+                archive = checkpointing.archive_previous_run(self.output_dir, self.checkpoint_dir)
+                if archive is not None:
+                    logger.warning("%s held an earlier run: moved its outputs to %s", self.output_dir, archive)
+            if path is not None:
+                logger.info("resumed from %s at update %d (epoch %d, batch %d)", path, self.num_updates,
+                            self.epoch, self.batches_done_in_epoch)
+        if choice == "auto" and path is not None:
+            self._saved_update = self.num_updates
+        self._barrier()
 
     # ------------------------------------------------------------------ training
     def _update_groups(self) -> Iterator[list[tuple[int, dict | None]]]:
-        """Micro-batches of one update: ``update_freq`` (global batch index, batch) pairs, to the end of the epoch."""
+        """This rank's rest of the epoch as updates: lists of ``update_freq`` (global batch index, batch or None)."""
+        position = self.batches_done_in_epoch
         group: list[tuple[int, dict | None]] = []
         for batch in self.train_loader:
-            global_index = self.batches_done_in_epoch * self.world_size + self.rank
-            self.batches_done_in_epoch += 1
-            group.append((global_index, batch))
+            group.append((position * self.world_size + self.rank, batch))
+            position += 1
             if len(group) == self.cfg.optim.update_freq:
                 yield group
                 group = []
         if group:
             yield group
 
+    def _stop_reason(self, start_time: float) -> str | None:
+        cfg = self.cfg
+        if self.num_updates >= cfg.optim.max_update:
+            return f"optim.max_update={cfg.optim.max_update} reached"
+        if 0 < cfg.stop_at_update <= self.num_updates:
+            return f"stop_at_update={cfg.stop_at_update} reached"
+        if cfg.max_epoch and self.epoch > cfg.max_epoch:
+            return f"max_epoch={cfg.max_epoch} done"
+        if cfg.max_time_minutes > 0 and time.monotonic() - start_time > 60 * cfg.max_time_minutes:
+            return f"max_time_minutes={cfg.max_time_minutes:g} used"
+        return None
+
     def train(self) -> dict[str, Any]:
+        """Train until a stop condition; log, validate and checkpoint at their intervals. Returns the last record."""
         cfg = self.cfg
         start_time = time.monotonic()
-        progress = None
-        if self.is_main and cfg.progress_bar:
-            from tqdm import tqdm
-
-            total = cfg.stop_at_update or (None if cfg.max_time_minutes else cfg.optim.max_update)
-            progress = tqdm(total=total, initial=self.num_updates, unit="upd", dynamic_ncols=True)
-        last = {}
-        stop = self.num_updates >= cfg.optim.max_update or 0 < cfg.stop_at_update <= self.num_updates
-        while not stop:
+        progress = self._progress_bar()
+        last: dict[str, Any] = {}
+        while (reason := self._stop_reason(start_time)) is None:
+            self._epoch_data_batches = 0
             for group in self._update_groups():
-                last = self.train_step(group)
+                record = self.train_step(group)  # forward + backward of each micro-batch, then the update
+                self.batches_done_in_epoch += len(group)
+                if record is None:  # fp16 overflow, or no data in the whole update: no update was made
+                    continue
+                last = record
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}",
                                          ppl=f"{last['code_perplexity']:.1f}", aps=f"{last['audio_sec_per_sec']:.0f}")
                 if self.num_updates % cfg.log_interval == 0 or self.num_updates == 1:
-                    self.metrics.log("train", self.num_updates, last)
+                    self._log_train(record)
                 if cfg.validate_interval_updates and self.num_updates % cfg.validate_interval_updates == 0:
                     self.validate()
                 if self.num_updates % cfg.checkpoint.save_interval_updates == 0:
                     self.save_checkpoint()
-                out_of_time = cfg.max_time_minutes > 0 and time.monotonic() - start_time > 60 * cfg.max_time_minutes
-                stop_here = cfg.stop_at_update > 0 and self.num_updates >= cfg.stop_at_update
-                if self.num_updates >= cfg.optim.max_update or out_of_time or stop_here:
-                    stop = True
+                if self._stop_reason(start_time) is not None:
                     break
-            else:  # epoch finished
-                self._end_epoch()
-                if cfg.max_epoch and self.epoch > cfg.max_epoch:
-                    stop = True
+            complete = self.batches_done_in_epoch >= self.train_loader.batch_sampler.total_batches
+            if complete and self._epoch_data_batches == 0 and self.epoch_totals.values["num_batches"] == 0:
+                raise RuntimeError(f"epoch {self.epoch}: no batch of {cfg.data.manifest} could be loaded")
+            self._end_epoch(complete)
         if progress is not None:
             progress.close()
-        if self.num_updates % cfg.checkpoint.save_interval_updates != 0 or not last:
+        if last and self._logged_update != self.num_updates:
+            self._log_train(last)  # the last update of a run is always logged
+        if self._saved_update != self.num_updates:
             self.save_checkpoint()
         if self.is_main:
+            logger.info("stopped at update %d: %s", self.num_updates, reason)
             self.model.save_pretrained(self.output_dir / "model")
         self.metrics.close()
         return last
 
-    def _end_epoch(self) -> None:
-        skipped = self.train_loader.dataset.num_skipped
-        if self.is_main:
-            logger.info("end of epoch %d (%d updates)%s", self.epoch, self.num_updates,
-                        f"; {skipped} unreadable files skipped" if skipped else "")
+    def _progress_bar(self):
+        if not (self.is_main and self.cfg.progress_bar):
+            return None
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        total = cfg.stop_at_update or (None if cfg.max_time_minutes else cfg.optim.max_update)
+        return tqdm(total=total, initial=self.num_updates, unit="upd", dynamic_ncols=True)
+
+    def _log_train(self, record: dict[str, Any]) -> None:
+        self.metrics.log("train", self.num_updates, record)
+        self._logged_update = self.num_updates
+
+    def _end_epoch(self, complete: bool) -> None:
+        """The end-of-epoch line (fairseq's "end of epoch N"), then, if the epoch is done, the next epoch."""
+        if self.epoch_totals.values["num_batches"] > 0:
+            record = stats_to_record(self.epoch_totals.values)
+            record.update(epoch=self.epoch, complete=complete, updates=self._epoch_updates,
+                          skipped_files=self.train_loader.dataset.num_skipped)
+            self.metrics.log("epoch", self.num_updates, record)
+        self.epoch_totals = StepTotals()
+        self._epoch_updates = 0
+        if not complete:
+            return
         if self.valid_loader is not None and not self.cfg.validate_interval_updates:
             self.validate()
         self.epoch += 1
@@ -294,27 +366,42 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _layer_keep(self, micro_step: int) -> list[bool]:
-        """LayerDrop decisions shared by every rank (seeded by update and micro-step), so DDP sees one graph."""
-        self.layerdrop_generator.manual_seed(_batch_seed(self.cfg.seed + 7, self.num_updates, micro_step))
+    def _layer_keep(self) -> list[bool]:
+        """LayerDrop decisions of this update, the same for every micro-batch and rank (seeded by the update)."""
+        self.layerdrop_generator.manual_seed(_batch_seed(self.cfg.seed + 7, self.num_updates, 0))
         return self.model.encoder.sample_layer_keep(self.layerdrop_generator)
 
-    def train_step(self, group: list[tuple[int, dict | None]]) -> dict[str, float]:
-        """One optimizer update over ``update_freq`` micro-batches (gradients summed, then normalised)."""
+    def _dummy(self) -> dict:
+        """A batch for a rank that has none (run at zero weight): the first it trained, else seeded noise."""
+        if self._dummy_batch is None:
+            data = self.cfg.data
+            length = min(max(data.min_sample_size, 16000), data.max_sample_size)
+            noise = torch.randn(1, length, generator=torch.Generator().manual_seed(0))
+            self._dummy_batch = {"id": torch.zeros(1, dtype=torch.long), "source": noise, "padding_mask": None}
+        return self._dummy_batch
+
+    def train_step(self, group: list[tuple[int, dict | None]]) -> dict[str, float] | None:
+        """One optimizer update over ``update_freq`` micro-batches (gradients summed, then normalised by the
+        number of masked frames of all of them on all ranks). Returns the update's record, or None when no update
+        was made (fp16 overflow, or not one usable batch on any rank)."""
         cfg = self.cfg
         self.model.train()
         step_start = time.monotonic()
-        totals = _Totals(self.cfg.model.loss_weights)
-        fallback = next((b for _, b in group if b is not None), None)
+        totals = StepTotals()
         lr = polynomial_decay_lr(self.num_updates + 1, cfg.optim)
-        for group_ in self.optimizer.param_groups:
-            group_["lr"] = lr
+        for param_group in self.optimizer.param_groups:
+            param_group["lr"] = lr
+        layer_keep = self._layer_keep()
         for micro_step, (global_index, batch) in enumerate(group):
             weight = 1.0
-            if batch is None:  # every file of this batch was unreadable: keep DDP in step with a zero-weight pass
-                if fallback is None:
+            if batch is None:  # an empty padding batch, or every file of the batch was unreadable
+                if self.ddp_model is None:
                     continue
-                batch, weight = fallback, 0.0
+                batch, weight = self._dummy(), 0.0  # DDP: this rank must still join the gradient all-reduce
+            else:
+                self._epoch_data_batches += 1
+                if self._dummy_batch is None:
+                    self._dummy_batch = batch
             torch.manual_seed(_batch_seed(cfg.seed, self.epoch, global_index))
             last_micro = micro_step == len(group) - 1
             sync = contextlib.nullcontext() if (self.ddp_model is None or last_micro) else self.ddp_model.no_sync()
@@ -324,34 +411,45 @@ class Trainer:
                 padding_mask = padding_mask.to(self.device, non_blocking=True)
             with sync:
                 with self._autocast():
-                    out = self.forward_model(source, padding_mask, layer_keep=self._layer_keep(micro_step))
+                    out = self.forward_model(source, padding_mask, layer_keep=layer_keep)
                     loss = compute_loss(out, tuple(cfg.model.loss_weights))
                 if self.step_in_backward is not None:  # one micro-batch, one process: its sample size is final
                     self.step_in_backward.grad_scale = self._gradient_scale(loss.sample_size)
                 self.scaler.scale(loss.total * weight).backward()
-            totals.add(loss, out, weight, audio_seconds=source.shape[0] * source.shape[1] / self.model_cfg.sample_rate)
+            if weight:
+                totals.add(loss, out, audio_seconds=self._audio_seconds(source, padding_mask))
 
         stats = totals.all_reduce(self.world_size, self.device)
+        if stats["sample_size"] == 0:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.is_main:
+                logger.warning("update %d had no usable batch on any rank: skipped", self.num_updates + 1)
+            return None
         if self.step_in_backward is not None:  # the backward pass has already updated every parameter
-            grad_norm = self.step_in_backward.pop_grad_norm()
-            scale_before, overflow = 1.0, False
+            grad_norm, scale_before, overflow = self.step_in_backward.pop_grad_norm(), 1.0, False
         else:
             grad_norm, scale_before, overflow = self._optimizer_step(stats["sample_size"])
         if overflow:
-            logger.warning("fp16 gradient overflow at update %d: step skipped, loss scale -> %g",
-                           self.num_updates + 1, self.scaler.get_scale())
-        else:
-            self.num_updates += 1
-            self.model.set_num_updates(self.num_updates)
+            if self.is_main:
+                logger.warning("fp16 gradient overflow at update %d: step skipped, loss scale -> %g",
+                               self.num_updates + 1, self.scaler.get_scale())
+            return None
+        self.num_updates += 1
+        self.model.set_num_updates(self.num_updates)
+        self.epoch_totals.merge(stats)
+        self._epoch_updates += 1
 
         elapsed = time.monotonic() - step_start
         record = stats_to_record(stats)
-        record.update(
-            lr=lr, grad_norm=grad_norm, loss_scale=scale_before, epoch=self.epoch,
-            audio_sec_per_sec=stats["audio_seconds"] / max(elapsed, 1e-9), overflow=bool(overflow),
-        )
+        record.update(lr=lr, grad_norm=grad_norm, loss_scale=scale_before, epoch=self.epoch,
+                      audio_sec_per_sec=stats["audio_seconds"] / max(elapsed, 1e-9))
         self.metrics.check_health(self.num_updates, record, self.model_cfg.num_codevectors)
         return record
+
+    def _audio_seconds(self, source: torch.Tensor, padding_mask: torch.Tensor | None) -> float:
+        """Seconds of audio in a batch (B, S), padding not counted."""
+        samples = source.numel() - (int(padding_mask.sum()) if padding_mask is not None else 0)
+        return samples / self.model_cfg.sample_rate
 
     def _gradient_scale(self, sample_size: float) -> float:
         """DDP averaged the gradients over ranks; this makes them the sum over all masked frames / their number."""
@@ -379,7 +477,7 @@ class Trainer:
         if self.valid_loader is None:
             return {}
         self.model.eval()
-        totals = _Totals(self.cfg.model.loss_weights)
+        totals = StepTotals()
         for index, batch in enumerate(self.valid_loader):
             if self.cfg.max_valid_batches and index >= self.cfg.max_valid_batches:
                 break
@@ -391,7 +489,7 @@ class Trainer:
             with self._autocast():
                 out = self.model(source, padding_mask)
                 loss = compute_loss(out, tuple(self.cfg.model.loss_weights))
-            totals.add(loss, out, 1.0, audio_seconds=source.numel() / self.model_cfg.sample_rate)
+            totals.add(loss, out, audio_seconds=self._audio_seconds(source, padding_mask))
         stats = totals.all_reduce(self.world_size, self.device)
         record = stats_to_record(stats)
         self.metrics.log("valid", self.num_updates, record)
@@ -399,107 +497,9 @@ class Trainer:
         return record
 
 
-class _Totals:
-    """Sums of what one update (or a validation pass) logs, reduced over micro-batches and ranks."""
-
-    KEYS = ("loss", "loss_0", "loss_1", "loss_2", "sample_size", "correct", "count", "code_perplexity",
-            "prob_perplexity", "temp", "num_batches", "audio_seconds", "masked_frames", "valid_frames")
-
-    def __init__(self, loss_weights=(0.1, 0.0)):
-        self.loss_weights = tuple(loss_weights) + (0.0,) * (2 - len(loss_weights))
-        self.values = dict.fromkeys(self.KEYS, 0.0)
-
-    def add(self, loss, out, weight: float, audio_seconds: float) -> None:
-        v = self.values
-        v["loss"] += weight * float(loss.total.detach())
-        v["loss_0"] += weight * float(loss.contrastive.detach())
-        v["loss_1"] += weight * self.loss_weights[0] * float(loss.diversity.detach()) * loss.sample_size
-        v["loss_2"] += weight * self.loss_weights[1] * float(loss.features_penalty.detach()) * loss.sample_size
-        v["sample_size"] += weight * loss.sample_size
-        v["correct"] += weight * loss.correct
-        v["count"] += weight * loss.count
-        v["code_perplexity"] += weight * float(out.code_perplexity)
-        v["prob_perplexity"] += weight * float(out.prob_perplexity.detach())
-        v["temp"] += weight * out.temperature
-        v["num_batches"] += weight
-        v["audio_seconds"] += weight * audio_seconds
-        v["masked_frames"] += weight * float(out.mask_indices.sum())
-        frames = out.mask_indices.numel()
-        if out.padding_mask is not None:
-            frames -= int(out.padding_mask.sum())
-        v["valid_frames"] += weight * frames
-
-    def all_reduce(self, world_size: int, device: torch.device) -> dict[str, float]:
-        if world_size == 1:
-            return dict(self.values)
-        tensor = torch.tensor([self.values[k] for k in self.KEYS], dtype=torch.float64, device=device)
-        dist.all_reduce(tensor)
-        return dict(zip(self.KEYS, tensor.tolist()))
-
-
-def stats_to_record(stats: dict[str, float]) -> dict[str, float]:
-    """Summed statistics -> the original's logged values (losses in bits per masked frame)."""
-    sample_size = max(stats["sample_size"], 1.0)
-    batches = max(stats["num_batches"], 1.0)
-    return {
-        "loss": stats["loss"] / sample_size / LOG2,
-        "loss_0": stats["loss_0"] / sample_size / LOG2,
-        "loss_1": stats["loss_1"] / sample_size / LOG2,
-        "loss_2": stats["loss_2"] / sample_size / LOG2,
-        "accuracy": stats["correct"] / max(stats["count"], 1.0),
-        "code_perplexity": stats["code_perplexity"] / batches,
-        "prob_perplexity": stats["prob_perplexity"] / batches,
-        "temp": stats["temp"] / batches,
-        "sample_size": stats["sample_size"],
-        "masked_fraction": stats["masked_frames"] / max(stats["valid_frames"], 1.0),
-        "audio_seconds": stats["audio_seconds"],
-    }
-
-
-class MetricsLog:
-    """Rank-0 JSONL log (``metrics.jsonl``), optional TensorBoard, and warnings about known failure modes."""
-
-    def __init__(self, output_dir: Path, enabled: bool, tensorboard: bool):
-        self.enabled = enabled
-        self.path = output_dir / "metrics.jsonl"
-        self.writer = None
-        self._warned: set[str] = set()
-        if enabled and tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(output_dir / "tensorboard"))
-            except ImportError:
-                pass
-
-    def log(self, split: str, num_updates: int, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        line = {"split": split, "update": num_updates, "time": time.time(), **record}
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(line) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"{split}/{key}", value, num_updates)
-        if split == "valid":
-            logger.info("valid @ %d: loss %.3f bits, accuracy %.3f, code ppl %.1f", num_updates, record["loss"],
-                        record["accuracy"], record["code_perplexity"])
-
-    def check_health(self, num_updates: int, record: dict[str, Any], num_codevectors: int) -> None:
-        """Warn (once each) about codebook collapse and saturated accuracy, the failure modes of broken ports."""
-        if not self.enabled or num_updates < 100:
-            return
-        if record["code_perplexity"] < max(2.0, 0.02 * num_codevectors) and "collapse" not in self._warned:
-            self._warned.add("collapse")
-            logger.warning("code perplexity %.2f of %d codevectors at update %d: the codebook may have collapsed "
-                           "(check the diversity loss weight and the Gumbel temperature)",
-                           record["code_perplexity"], num_codevectors, num_updates)
-        if record["accuracy"] > 0.99 and "saturated" not in self._warned:
-            self._warned.add("saturated")
-            logger.warning("contrastive accuracy %.3f at update %d: the task is trivial (too few or identical "
-                           "negatives, or collapsed targets)", record["accuracy"], num_updates)
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+def _load_training_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint ``python -m xlsr.pretrain`` wrote; CheckpointError (naming the file) for anything else."""
+    state = safe_torch_load(path)
+    if not isinstance(state, dict) or TRAINING_CHECKPOINT_MARK not in state:
+        raise CheckpointError(f"{path}: not a training checkpoint of xlsr.pretrain (resume needs one)")
+    return state
