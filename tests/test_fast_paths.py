@@ -167,7 +167,16 @@ def test_indexed_contrastive_logits_match_gathered_cosines(counts, cross):
         ours_grads = grads([context, targets])
         context.grad = targets.grad = None
         (torch.where(finite, reference, 0) * upstream).sum().backward()
-        assert_close_list(ours_grads, grads([context, targets]), rtol=1e-5, atol=1e-6)
+        context_grad, targets_grad = grads([context, targets])
+        # A zero target row's gradient is scaled by 1 / eps (1e8) and sums float32 terms of up to ~1e9 that cancel,
+        # in an order that depends on the matmul kernel (so on the CPU): compare those rows to their largest entry.
+        # Measured on AVX2 and ATEN_CPU_CAPABILITY=default: <= 3e-7 of it; elsewhere well inside rtol 1e-5, atol 1e-6.
+        zero = targets.detach().norm(dim=1) == 0
+        assert int(zero.sum()) == 1 + (counts[0] > 3)
+        torch.testing.assert_close(ours_grads[0], context_grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours_grads[1][~zero], targets_grad[~zero], rtol=1e-5, atol=1e-6)
+        scale = targets_grad[zero].abs().max().item()
+        torch.testing.assert_close(ours_grads[1][zero], targets_grad[zero], rtol=0, atol=1e-6 * scale)
         context.grad = targets.grad = None
 
 
@@ -186,15 +195,24 @@ def test_indexed_contrastive_logits_are_fp32_under_autocast():
 
 
 # ------------------------------------------------------------------------------------------------ fp32 GELU
-def test_half_precision_gelu_equals_float32_round_trip():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_gelu_equals_float32_round_trip(dtype):
+    """Bitwise the round trip ``F.gelu(x.float()).to(dtype)``, forward and backward, on any CPU: the same float32
+    kernels run on the same widened values (the native half-precision kernel is not: its result depends on the
+    vector ISA). And only the half-precision input is kept for backward, not a float32 copy."""
     from xlsr.modules.transformer import gelu_fp32
 
-    x = (torch.randn(65536, generator=torch.Generator().manual_seed(0)) * 4).bfloat16().requires_grad_()
+    values = torch.randn(65536, generator=torch.Generator().manual_seed(0)) * 4  # tails: where kernels differ most
+    x = torch.cat([values, torch.tensor([-10.0, -6.0, -0.75, -0.0, 0.0, 3.0, 300.0])])
+    x = x.to(dtype).requires_grad_()
     x32 = x.detach().clone().requires_grad_()
-    ours = gelu_fp32(x)
-    reference = F.gelu(x32.float()).bfloat16()  # the original: float32 GELU, rounded once
-    assert ours.dtype == torch.bfloat16 and torch.equal(ours, reference)
-    upstream = torch.randn(65536, generator=torch.Generator().manual_seed(1)).bfloat16()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ours = gelu_fp32(x)
+    reference = F.gelu(x32.float()).to(dtype)  # the original: float32 GELU, rounded once
+    assert ours.dtype == dtype and torch.equal(ours, reference)
+    assert [(t.dtype, t.shape) for t in saved] == [(dtype, x.shape)]
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     ours.backward(upstream)
     reference.backward(upstream)
     assert torch.equal(x.grad, x32.grad)
