@@ -1,22 +1,27 @@
 """Reading and writing checkpoints: our format, fairseq ``.pt`` files and Hugging Face directories.
 
-``load_pretrained`` detects the format, maps keys onto our modules and loads strictly: a missing or unexpected key,
-or a shape mismatch, is an error that names it.
+This module holds format detection and ``load_pretrained``, which maps keys onto our modules and loads strictly: a
+missing or unexpected key, or a shape mismatch, is an error that names it. One module per format: ``native``,
+``fairseq``, ``huggingface``, and ``training`` (the ``.pt`` files ``python -m xlsr.pretrain`` writes); the shared
+pieces: ``errors`` (CheckpointError), ``safe_loading`` (``safe_torch_load``), ``files`` (JSON and safetensors
+reading), ``keymap`` (renaming state-dict keys).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from xlsr.checkpoints.safe_pickle import CheckpointError
+from xlsr.checkpoints.errors import CheckpointError
+from xlsr.checkpoints.files import read_json_object
+from xlsr.checkpoints.safe_loading import safe_torch_load
 from xlsr.config import Wav2Vec2Config
 
-__all__ = ["CheckpointError", "detect_format", "read_checkpoint", "load_pretrained", "load_state_dict_checked"]
+__all__ = ["CheckpointError", "safe_torch_load", "detect_format", "read_checkpoint", "load_pretrained",
+           "load_state_dict_checked"]
 
 
 def detect_format(path: str | Path) -> str:
@@ -26,10 +31,7 @@ def detect_format(path: str | Path) -> str:
         config_file = path / "config.json"
         if not config_file.is_file():
             raise CheckpointError(f"{path}: directory without config.json (expected our or a Hugging Face export)")
-        try:
-            model_type = json.loads(config_file.read_text()).get("model_type")
-        except json.JSONDecodeError as err:
-            raise CheckpointError(f"{config_file}: invalid JSON ({err})") from None
+        model_type = read_json_object(config_file).get("model_type")
         if model_type == "xlsr-wav2vec2":
             return "native"
         if model_type == "wav2vec2":
@@ -52,11 +54,10 @@ def read_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[Wav2Ve
 
         return read_huggingface(path)
     from xlsr.checkpoints.fairseq import read_fairseq_checkpoint
-    from xlsr.checkpoints.native import TRAINING_CHECKPOINT_MARK, read_training_checkpoint
-    from xlsr.checkpoints.safe_pickle import safe_torch_load
+    from xlsr.checkpoints.training import is_training_checkpoint, read_training_checkpoint
 
     checkpoint = safe_torch_load(path, map_location)
-    if isinstance(checkpoint, dict) and TRAINING_CHECKPOINT_MARK in checkpoint:
+    if is_training_checkpoint(checkpoint):
         return read_training_checkpoint(checkpoint, path)
     return read_fairseq_checkpoint(checkpoint, path)
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
+from xlsr.checkpoints.errors import CheckpointError
 from xlsr.checkpoints.keymap import fuse_qkv, rename
-from xlsr.checkpoints.safe_pickle import CheckpointError
 from xlsr.config import Wav2Vec2Config, parse_conv_layers
 
 logger = logging.getLogger(__name__)

@@ -14,17 +14,17 @@ import dataclasses
 import json
 import logging
 import math
-import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from xlsr.checkpoints.errors import CheckpointError
+from xlsr.checkpoints.files import read_json_object, read_safetensors
 from xlsr.checkpoints.keymap import fuse_qkv, rename, split_qkv
-from xlsr.checkpoints.safe_pickle import CheckpointError
+from xlsr.checkpoints.safe_loading import check_file, load_weights_only
 from xlsr.config import Wav2Vec2Config
 
 logger = logging.getLogger(__name__)
@@ -361,46 +361,17 @@ def state_dict_to_huggingface(state_dict: dict[str, torch.Tensor], cfg: Wav2Vec2
 
 
 # ---------------------------------------------------------------------------------------------- files
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path}: invalid JSON ({err})") from None
-    except OSError as err:
-        raise CheckpointError(f"{path}: cannot read ({err})") from None
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return value
-
-
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing weights file")
-    try:
-        return load_file(str(path))
-    except Exception as err:  # noqa: BLE001  (safetensors raises its own error types for damaged files)
-        raise CheckpointError(f"{path}: cannot read safetensors file ({type(err).__name__}: {err})") from None
-
-
 def _load_torch_bin(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise CheckpointError(f"{path}: missing weights file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: empty file, not a checkpoint")
-    try:
-        # mmap needs the zip format of torch >= 1.6; older pickles are read whole
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from None
+    """A ``pytorch_model.bin`` (or one shard of one): a pickled dict of tensors and nothing else."""
+    check_file(path, "missing weights file")
+    state = load_weights_only(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: expected a state dict of tensors")
     return state
 
 
 def _load_sharded(index_path: Path, loader) -> tuple[dict[str, torch.Tensor], list[str]]:
-    index = _read_json(index_path)
+    index = read_json_object(index_path)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_path}: no 'weight_map' in the shard index")
@@ -418,9 +389,9 @@ def _load_sharded(index_path: Path, loader) -> tuple[dict[str, torch.Tensor], li
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The state dict of an HF directory (safetensors preferred) and the file names it came from."""
     if (path / SAFETENSORS_NAME).is_file():
-        return _load_safetensors(path / SAFETENSORS_NAME), [SAFETENSORS_NAME]
+        return read_safetensors(path / SAFETENSORS_NAME), [SAFETENSORS_NAME]
     if (path / SAFETENSORS_INDEX_NAME).is_file():
-        return _load_sharded(path / SAFETENSORS_INDEX_NAME, _load_safetensors)
+        return _load_sharded(path / SAFETENSORS_INDEX_NAME, read_safetensors)
     if (path / PYTORCH_NAME).is_file():
         return _load_torch_bin(path / PYTORCH_NAME), [PYTORCH_NAME]
     if (path / PYTORCH_INDEX_NAME).is_file():
@@ -437,9 +408,9 @@ def read_huggingface(path: str | Path) -> tuple[Wav2Vec2Config, dict[str, torch.
     config_file = path / CONFIG_NAME
     if not config_file.is_file():
         raise CheckpointError(f"{path}: missing {CONFIG_NAME}")
-    hf_config = _read_json(config_file)
+    hf_config = read_json_object(config_file)
     preprocessor_file = path / PREPROCESSOR_NAME
-    preprocessor = _read_json(preprocessor_file) if preprocessor_file.is_file() else None
+    preprocessor = read_json_object(preprocessor_file) if preprocessor_file.is_file() else None
     try:
         config = config_from_huggingface(hf_config, preprocessor)
     except CheckpointError as err:

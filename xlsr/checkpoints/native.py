@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from xlsr.checkpoints.safe_pickle import CheckpointError
+from xlsr.checkpoints.errors import CheckpointError
+from xlsr.checkpoints.files import read_json_object, read_safetensors
 from xlsr.config import Wav2Vec2Config
 
 MODEL_TYPE = "xlsr-wav2vec2"
-TRAINING_CHECKPOINT_MARK = "xlsr_training_checkpoint"  # key present in the .pt files python -m xlsr.pretrain writes
 WEIGHTS_NAME = "model.safetensors"
 
 
 def save_native(model: nn.Module, out_dir: str | Path) -> Path:
+    """Write ``model`` (our Wav2Vec2Model) as ``config.json`` + ``model.safetensors`` in ``out_dir``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.cfg.save(out_dir / "config.json")
@@ -27,31 +27,16 @@ def save_native(model: nn.Module, out_dir: str | Path) -> Path:
 
 
 def read_native(path: str | Path) -> tuple[Wav2Vec2Config, dict[str, torch.Tensor], dict]:
+    """Read one of our directories -> (config, state dict, info)."""
     path = Path(path)
-    try:
-        values = json.loads((path / "config.json").read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path / 'config.json'}: invalid JSON ({err})") from None
+    config_file = path / "config.json"
+    values = read_json_object(config_file)
     values.pop("model_type", None)
     try:
         config = Wav2Vec2Config.from_dict(values)
     except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path / 'config.json'}: {err}") from None
+        raise CheckpointError(f"{config_file}: {err}") from None
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{path}: missing {WEIGHTS_NAME}")
-    try:
-        state_dict = load_file(str(weights))
-    except Exception as err:  # safetensors raises its own error types for damaged files
-        raise CheckpointError(f"{weights}: cannot read ({err})") from None
-    return config, state_dict, {"format": "native"}
-
-
-def read_training_checkpoint(checkpoint: dict, path: str | Path) -> tuple[Wav2Vec2Config, dict[str, torch.Tensor], dict]:
-    """A checkpoint written by ``python -m xlsr.pretrain`` -> (config, state dict, info)."""
-    try:
-        config = Wav2Vec2Config.from_dict(checkpoint["model_config"])
-        state_dict = checkpoint["model"]
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: damaged training checkpoint ({err})") from None
-    return config, state_dict, {"format": "xlsr-training", "num_updates": int(checkpoint.get("num_updates", 0))}
+    return config, read_safetensors(weights), {"format": "native"}

@@ -1,34 +1,40 @@
-"""Training checkpoints: atomic writes, keep-last-K, finding the newest one to resume from, archiving old runs."""
+"""Training checkpoints: what one holds, writing it atomically, keep-last-K, resuming, archiving an earlier run.
+
+``<output_dir>/checkpoints/checkpoint_<update>.pt`` is one ``torch.save``'d dict (rank 0 writes it):
+
+| key | value |
+|---|---|
+| ``xlsr_training_checkpoint`` | 1: marks the file as ours (``from_pretrained`` reads its model too) |
+| ``model``, ``model_config`` | model state dict; ``Wav2Vec2Config.to_dict()`` |
+| ``optimizer``, ``scaler`` | AdamW and fp16 ``GradScaler`` state dicts |
+| ``num_updates``, ``epoch``, ``batches_done_in_epoch`` | where the run is: updates made, epoch (from 1), this rank's batches of the epoch done (padding batches included) |
+| ``rng`` | ``torch``, ``cuda``, ``numpy``, ``python`` generator states |
+| ``config`` | the resolved ``PretrainConfig`` as a plain dict |
+
+The Gumbel temperature and the LR are functions of ``num_updates``, so they resume with it.
+"""
 
 from __future__ import annotations
 
-import os
+import random
 import re
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+
+from xlsr.checkpoints import CheckpointError, safe_torch_load
+from xlsr.checkpoints.training import TRAINING_CHECKPOINT_MARK, is_training_checkpoint
+from xlsr.files import write_atomic
 
 _NAME = re.compile(r"^checkpoint_(\d+)\.pt$")
 
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
-    """torch.save to ``path.tmp``, fsync, then rename over ``path``: a crash never leaves a half-written ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
+    """torch.save through :func:`xlsr.files.write_atomic`: a crash never leaves a half-written ``path``."""
+    return write_atomic(path, lambda handle: torch.save(state, handle))
 
 
 def checkpoint_path(directory: str | Path, num_updates: int) -> Path:
@@ -85,3 +91,64 @@ def archive_previous_run(output_dir: str | Path, checkpoint_dir: str | Path) -> 
     for path in outputs:
         path.rename(archive / path.name)
     return archive
+
+
+def training_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *, num_updates: int,
+    epoch: int, batches_done_in_epoch: int, config: dict[str, Any],
+) -> dict[str, Any]:
+    """The checkpoint dict of the table above."""
+    return {
+        TRAINING_CHECKPOINT_MARK: 1,
+        "model": model.state_dict(),
+        "model_config": model.cfg.to_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "num_updates": num_updates,
+        "epoch": epoch,
+        "batches_done_in_epoch": batches_done_in_epoch,
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        },
+        "config": config,
+    }
+
+
+def restore_training_state(
+    state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
+) -> tuple[int, int, int]:
+    """Load a checkpoint dict into model, optimizer, scaler and the RNGs; returns (num_updates, epoch, batches)."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    return state["num_updates"], state["epoch"], state["batches_done_in_epoch"]
+
+
+def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint ``python -m xlsr.pretrain`` wrote; CheckpointError (naming the file) for anything else."""
+    state = safe_torch_load(path)
+    if not is_training_checkpoint(state):
+        raise CheckpointError(f"{path}: not a training checkpoint of xlsr.pretrain (resume needs one)")
+    return state
+
+
+def newest_readable_checkpoint(directory: str | Path, warn) -> tuple[dict | None, Path | None, list[Path]]:
+    """(state, path) of the newest checkpoint in ``directory`` that loads, and the newer ones that did not
+    (each reported through ``warn(message)``); (None, None, [...]) when none loads or there is none."""
+    unreadable = []
+    for candidate in reversed(list_checkpoints(directory)):
+        try:
+            return load_training_checkpoint(candidate), candidate, unreadable
+        except CheckpointError as err:
+            warn(f"cannot resume from {candidate}: {err}; trying the one before")
+            unreadable.append(candidate)
+    return None, None, unreadable

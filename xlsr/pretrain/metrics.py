@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from xlsr.files import write_text_atomic
 from xlsr.pretrain.loss import LossOutput
 
 logger = logging.getLogger("xlsr.pretrain")
@@ -124,9 +124,7 @@ class MetricsLog:
         lines = self.path.read_text().splitlines()
         kept = [line for line in lines if line.strip() and json.loads(line)["update"] <= num_updates]
         if len(kept) < len(lines):
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, self.path)
+            write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, split: str, num_updates: int, record: dict[str, Any]) -> None:
         if not self.enabled:

@@ -28,8 +28,8 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from xlsr.checkpoints.native import TRAINING_CHECKPOINT_MARK
-from xlsr.checkpoints.safe_pickle import CheckpointError, safe_torch_load
+from xlsr.checkpoints import CheckpointError, safe_torch_load
+from xlsr.checkpoints.training import TRAINING_CHECKPOINT_MARK, is_training_checkpoint
 from xlsr.config import Wav2Vec2Config
 from xlsr.model import Wav2Vec2Model
 from xlsr.pretrain import checkpointing
@@ -500,6 +500,6 @@ class Trainer:
 def _load_training_checkpoint(path: Path) -> dict[str, Any]:
     """A checkpoint ``python -m xlsr.pretrain`` wrote; CheckpointError (naming the file) for anything else."""
     state = safe_torch_load(path)
-    if not isinstance(state, dict) or TRAINING_CHECKPOINT_MARK not in state:
+    if not is_training_checkpoint(state):
         raise CheckpointError(f"{path}: not a training checkpoint of xlsr.pretrain (resume needs one)")
     return state

@@ -1,4 +1,4 @@
-"""Loading ``torch.save`` pickles without running code from them.
+"""Loading ``torch.save`` pickles without running code from them: ``safe_torch_load`` and its pieces.
 
 ``torch.load(weights_only=True)`` refuses any class it does not know. Official fairseq checkpoints carry a few:
 ``argparse.Namespace`` (the ``args`` of wav2vec 2.0 base/large), numpy scalars in training metadata, and, in
@@ -18,7 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from xlsr.checkpoints.errors import CheckpointError
+
 _INERT_PREFIXES = ("fairseq.", "omegaconf.")
+# what torch.load raises for a damaged or foreign file
+_READ_ERRORS = (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError)
 
 
 def _allowed_standard_globals() -> dict[str, Any]:
@@ -53,17 +57,28 @@ def _inert_class(qualified_name: str) -> type:
     return cls
 
 
-class CheckpointError(ValueError):
-    """A file that is not a readable checkpoint of a supported kind (the message names the file)."""
+def check_file(path: Path, missing: str = "no such file") -> None:
+    """CheckpointError ``"<path>: <missing>"`` unless ``path`` is a file, and another if it is empty."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: {missing}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: empty file, not a checkpoint")
+
+
+def load_weights_only(path: Path, map_location: str | torch.device = "cpu", allowed: list[Any] | None = None) -> Any:
+    """``torch.load(path, weights_only=True)`` that also accepts the classes in ``allowed``; a file it cannot read
+    is a CheckpointError naming it. mmap needs the zip format of torch >= 1.6; older pickles are read whole."""
+    try:
+        with torch.serialization.safe_globals(allowed or []):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=zipfile.is_zipfile(path))
+    except _READ_ERRORS as err:
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from None
 
 
 def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
     """``torch.load(path, weights_only=True, mmap=True)`` that also reads official fairseq checkpoints."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: empty file, not a checkpoint")
+    check_file(path)
     is_zip = zipfile.is_zipfile(path)
     if not is_zip:
         with open(path, "rb") as handle:
@@ -75,16 +90,12 @@ def safe_torch_load(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as err:  # truncated or damaged archive
         raise CheckpointError(f"{path}: damaged or truncated checkpoint ({err})") from None
     standard = _allowed_standard_globals()
-    extra: list[Any] = list(standard.values())
+    allowed: list[Any] = list(standard.values())
     for name in unsafe:
         if name in standard:
             continue
         if name.startswith(_INERT_PREFIXES):
-            extra.append(_inert_class(name))
+            allowed.append(_inert_class(name))
         else:
             raise CheckpointError(f"{path}: refusing to unpickle {name!r} (code outside the checkpoint formats we read)")
-    try:
-        with torch.serialization.safe_globals(extra):
-            return torch.load(path, map_location=map_location, weights_only=True, mmap=is_zip)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: cannot read checkpoint ({type(err).__name__}: {err})") from None
+    return load_weights_only(path, map_location, allowed)
