@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from xlsr.pretrain import demo_corpus as dc
+from xlsr.demo import apt, asterisk, corpus, g722, tts
+from xlsr.demo.asterisk import ASTERISK_PACKAGES
+from xlsr.demo.clips import SAMPLE_RATE
 
-SR = dc.SAMPLE_RATE
+SR = SAMPLE_RATE
 
 
 def _spandsp():
@@ -31,7 +33,7 @@ def _spandsp():
 
 
 needs_decoder = pytest.mark.skipif(
-    not dc._have_g722_decoder(), reason="no G.722 decoder (libspandsp or ffmpeg) installed"
+    not g722.have_g722_decoder(), reason="no G.722 decoder (libspandsp or ffmpeg) installed"
 )
 
 
@@ -79,7 +81,7 @@ def test_write_manifest_format_and_split(tmp_path):
             sf.write(str(root / rel), _tone(200, 1.0 + i / 10), SR, subtype="PCM_16")
             groups[lang].append((rel, int(SR * (1.0 + i / 10))))
 
-    counts = dc.write_manifest(root, groups, tmp_path / "m1", valid_percent=0.1, seed=3)
+    counts = corpus.write_split_manifests(root, groups, tmp_path / "m1", valid_percent=0.1, seed=3)
     assert counts == {"aa": (18, 2), "bb": (6, 1)}  # every group gets >= 1 valid file
     train = (tmp_path / "m1" / "train.tsv").read_text().splitlines()
     valid = (tmp_path / "m1" / "valid.tsv").read_text().splitlines()
@@ -91,13 +93,13 @@ def test_write_manifest_format_and_split(tmp_path):
     assert train[1:] == sorted(train[1:])
 
     # deterministic in the seed, different across seeds
-    dc.write_manifest(root, groups, tmp_path / "m2", valid_percent=0.1, seed=3)
+    corpus.write_split_manifests(root, groups, tmp_path / "m2", valid_percent=0.1, seed=3)
     assert (tmp_path / "m2" / "valid.tsv").read_text() == "\n".join(valid) + "\n"
-    dc.write_manifest(root, groups, tmp_path / "m3", valid_percent=0.1, seed=4)
+    corpus.write_split_manifests(root, groups, tmp_path / "m3", valid_percent=0.1, seed=4)
     assert (tmp_path / "m3" / "valid.tsv").read_text() != "\n".join(valid) + "\n"
 
     with pytest.raises(ValueError):
-        dc.write_manifest(root, groups, tmp_path / "m4", valid_percent=1.0)
+        corpus.write_split_manifests(root, groups, tmp_path / "m4", valid_percent=1.0)
 
 
 @pytest.mark.skipif(_spandsp() is None, reason="libspandsp not installed")
@@ -106,7 +108,7 @@ def test_g722_decode_is_16khz():
     right frequency, and energy above 4 kHz (the wideband sub-band) works."""
     for freq in (1000.0, 5000.0):
         x = _tone(freq, 1.0)
-        y = dc.decode_g722(_g722_encode(x))
+        y = g722.decode_g722(_g722_encode(x))
         assert y.dtype == np.int16 and y.size == x.size
         spec = np.abs(np.fft.rfft(y[400:].astype(np.float64)))  # skip codec warm-up
         peak = np.fft.rfftfreq(y.size - 400, 1 / SR)[np.argmax(spec)]
@@ -117,7 +119,7 @@ def test_g722_decode_is_16khz():
 def _fake_packages(tmp_path: pathlib.Path) -> dict[str, list[pathlib.Path]]:
     """A made-up sounds tree per package, like `dpkg -L` would list it."""
     files = {}
-    for k, (lang, pkg) in enumerate(dc.ASTERISK_PACKAGES.items()):
+    for k, (lang, pkg) in enumerate(ASTERISK_PACKAGES.items()):
         base = tmp_path / "usr/share/asterisk/sounds" / f"{lang}_XX_voice"
         layout = {
             "hello.g722": 1.5,
@@ -141,15 +143,15 @@ def _fake_packages(tmp_path: pathlib.Path) -> dict[str, list[pathlib.Path]]:
 @needs_decoder
 def test_build_demo_corpus_with_fake_packages(tmp_path, monkeypatch):
     pkg_files = _fake_packages(tmp_path / "fs")
-    monkeypatch.setattr(dc, "_missing_packages", lambda pkgs: [])
-    monkeypatch.setattr(dc, "_package_files", lambda pkg: pkg_files[pkg])
-    monkeypatch.setattr(dc, "_spandsp_package", lambda: "libspandsp2")
+    monkeypatch.setattr(apt, "missing_packages", lambda pkgs: [])
+    monkeypatch.setattr(apt, "package_files", lambda pkg: pkg_files[pkg])
+    monkeypatch.setattr(g722, "spandsp_package", lambda: "libspandsp2")
 
     cache = tmp_path / "cache"
-    out = dc.build_demo_corpus(cache, install=False, valid_percent=0.34, seed=1, tts=False)
+    out = corpus.build_demo_corpus(cache, install=False, valid_percent=0.34, seed=1, tts=False)
     assert out == cache.resolve()
 
-    for lang in dc.ASTERISK_PACKAGES:
+    for lang in ASTERISK_PACKAGES:
         got = sorted(p.relative_to(out / lang).as_posix() for p in (out / lang).rglob("*.wav"))
         assert got == ["digits/1.wav", "goodbye.wav", "hello.wav"]
         info = sf.info(str(out / lang / "hello.wav"))
@@ -174,28 +176,28 @@ def test_build_demo_corpus_with_fake_packages(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("should not be called on a built corpus")
 
-    monkeypatch.setattr(dc, "_package_files", boom)
-    monkeypatch.setattr(dc, "_decode_asterisk", boom)
+    monkeypatch.setattr(apt, "package_files", boom)
+    monkeypatch.setattr(asterisk, "decode_asterisk", boom)
     before = (out / "train.tsv").stat().st_mtime_ns
-    assert dc.build_demo_corpus(cache, install=False, valid_percent=0.34, seed=1, tts=False) == out
+    assert corpus.build_demo_corpus(cache, install=False, valid_percent=0.34, seed=1, tts=False) == out
     assert (out / "train.tsv").stat().st_mtime_ns == before
 
     # a different split re-writes the manifests but re-uses the decoded audio
-    monkeypatch.setattr(dc, "_package_files", lambda pkg: pkg_files[pkg])
-    monkeypatch.setattr(dc, "_decode_asterisk", lambda root, sources: {"cached": len(sources)})
-    dc.build_demo_corpus(cache, install=False, valid_percent=0.0, seed=1, tts=False)
+    monkeypatch.setattr(apt, "package_files", lambda pkg: pkg_files[pkg])
+    monkeypatch.setattr(asterisk, "decode_asterisk", lambda root, sources: {"cached": len(sources)})
+    corpus.build_demo_corpus(cache, install=False, valid_percent=0.0, seed=1, tts=False)
     assert len((out / "valid.tsv").read_text().splitlines()) == 1
     assert len((out / "train.tsv").read_text().splitlines()) == 16
 
 
 def test_missing_packages_clear_error(tmp_path, monkeypatch):
-    monkeypatch.setattr(dc, "_missing_packages", lambda pkgs: list(pkgs))
-    monkeypatch.setattr(dc, "_spandsp_package", lambda: "libspandsp2")
+    monkeypatch.setattr(apt, "missing_packages", lambda pkgs: list(pkgs))
+    monkeypatch.setattr(g722, "spandsp_package", lambda: "libspandsp2")
     with pytest.raises(RuntimeError) as err:
-        dc.build_demo_corpus(tmp_path / "c", install=False)
+        corpus.build_demo_corpus(tmp_path / "c", install=False)
     msg = str(err.value)
     assert "apt-get install" in msg
-    for pkg in dc.ASTERISK_PACKAGES.values():
+    for pkg in ASTERISK_PACKAGES.values():
         assert pkg in msg
     assert "espeak-ng" in msg
     assert not (tmp_path / "c" / "train.tsv").exists()
@@ -203,17 +205,17 @@ def test_missing_packages_clear_error(tmp_path, monkeypatch):
 
 @pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng not installed")
 def test_synthesize_small(tmp_path, monkeypatch):
-    monkeypatch.setattr(dc, "_TTS_SENTENCES", {"de": ("Guten Morgen, wie geht es dir heute?",)})
-    monkeypatch.setattr(dc, "_TTS_VARIANTS", (("m1", 150, 45),))
-    stats = dc._synthesize(tmp_path, ["de"])
+    monkeypatch.setattr(tts, "TTS_SENTENCES", {"de": ("Guten Morgen, wie geht es dir heute?",)})
+    monkeypatch.setattr(tts, "TTS_VARIANTS", (("m1", 150, 45),))
+    stats = tts.synthesize(tmp_path, ["de"])
     assert stats["synthesized"] == 1
     x, sr = sf.read(str(tmp_path / "tts_de" / "s00_v0.wav"), dtype="int16")
     assert sr == SR and x.ndim == 1 and x.size > SR
-    assert dc._synthesize(tmp_path, ["de"])["cached"] == 1
+    assert tts.synthesize(tmp_path, ["de"])["cached"] == 1
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("XLSR_CACHE", str(tmp_path))
-    assert dc.default_cache_dir() == tmp_path / "demo_corpus"
+    assert corpus.default_cache_dir() == tmp_path / "demo_corpus"
     monkeypatch.delenv("XLSR_CACHE")
-    assert dc.default_cache_dir() == pathlib.Path.home() / ".cache" / "xlsr" / "demo_corpus"
+    assert corpus.default_cache_dir() == pathlib.Path.home() / ".cache" / "xlsr" / "demo_corpus"

@@ -17,17 +17,19 @@ import os
 import random
 import sys
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
 from tqdm import tqdm
 
 from xlsr.audio import AudioError, audio_info
+from xlsr.files import write_text_atomic
 
 __all__ = [
     "ManifestError",
     "ManifestSummary",
     "read_manifest",
     "write_manifest",
+    "write_manifest_file",
     "find_audio_files",
     "main",
 ]
@@ -174,8 +176,8 @@ def write_manifest(
     paths = find_audio_files(root, extensions, path_must_contain)
     summary = ManifestSummary(root=root)
     rng = random.Random(seed)
-    train_lines: list[str] = []
-    valid_lines: list[str] = []
+    train_rows: list[tuple[str, int]] = []
+    valid_rows: list[tuple[str, int]] = []
 
     headers = _read_headers(paths, num_workers)
     for path, header in tqdm(headers, total=len(paths), desc="reading headers", unit="file", disable=not progress):
@@ -193,27 +195,34 @@ def write_manifest(
             continue
         summary.sample_rates[rate] += 1
         summary.channels[channels] += 1
-        line = f"{rel_path}\t{frames}\n"
         if valid_percent > 0 and draw < valid_percent:
-            valid_lines.append(line)
+            valid_rows.append((rel_path, frames))
             summary.num_valid += 1
             summary.valid_samples += frames
         else:
-            train_lines.append(line)
+            train_rows.append((rel_path, frames))
             summary.num_train += 1
             summary.train_samples += frames
 
-    _write_atomically(os.path.join(dest, "train.tsv"), root, train_lines)
-    _write_atomically(os.path.join(dest, "valid.tsv"), root, valid_lines)
+    write_manifest_file(os.path.join(dest, "train.tsv"), root, train_rows)
+    write_manifest_file(os.path.join(dest, "valid.tsv"), root, valid_rows)
     return summary
 
 
-def _write_atomically(path: str, root: str, lines: list[str]) -> None:
-    partial = path + ".partial"
-    with open(partial, "w", encoding="utf-8") as f:
-        f.write(root + "\n")
-        f.writelines(lines)
-    os.replace(partial, path)
+def write_manifest_file(path: str | os.PathLike, root: str, rows: Iterable[tuple[str, int]]) -> None:
+    """Write one manifest: the ``root`` line, then ``relative_path<TAB>num_samples`` per row, in the given order.
+
+    Written through :func:`xlsr.files.write_text_atomic`, so ``path`` is never left half-written.
+
+    Raises:
+        ValueError: a path holds a tab or newline (the format cannot hold it).
+    """
+    lines = [root]
+    for rel_path, num_samples in rows:
+        if "\t" in rel_path or "\n" in rel_path or "\r" in rel_path:
+            raise ValueError(f"{rel_path!r}: a manifest path cannot hold a tab or newline")
+        lines.append(f"{rel_path}\t{num_samples}")
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
