@@ -23,55 +23,169 @@ DEFAULT_CONV_LAYERS: list[ConvLayerSpec] = [(512, 10, 5)] + [(512, 3, 2)] * 4 + 
 
 @dataclass
 class Wav2Vec2Config:
-    """Every architecture (and masking/negatives) field of a wav2vec 2.0 / XLS-R model."""
+    """Every architecture (and masking/negatives) field of a wav2vec 2.0 / XLS-R model.
+
+    Field names and defaults are those of fairseq's ``Wav2Vec2Config`` (the ``model`` section of a checkpoint's
+    cfg), except: ``conv_layers`` (fairseq's ``conv_feature_layers``, a Python expression string there), the
+    ``extractor_mode`` value ``"group_norm"`` (fairseq's ``"default"``), ``min_masks`` (no fairseq field: its
+    ``apply_mask`` passes 2), and ``normalize`` / ``sample_rate`` (fairseq's ``task`` cfg). Hugging Face names
+    are given per field (``xlsr/checkpoints/huggingface.py``); fields HF has no place for travel under
+    ``xlsr_config`` in its ``config.json``. "XLS-R" values are those of the released ``xlsr2_300m.pt`` cfg (the
+    ``xlsr-300m`` preset); "BASE" values those of fairseq's ``wav2vec2_base_librispeech.yaml`` (the ``base`` preset).
+    """
 
     # conv feature encoder
     extractor_mode: Literal["group_norm", "layer_norm"] = "group_norm"
+    """Norms of the conv stack: ``group_norm`` = one GroupNorm(C, C) after the first conv only (BASE);
+    ``layer_norm`` = a LayerNorm over channels after every conv (XLS-R). fairseq: ``"default"`` / ``"layer_norm"``;
+    HF ``feat_extract_norm`` ``"group"`` / ``"layer"``."""
+
     conv_layers: list[ConvLayerSpec] = field(default_factory=lambda: list(DEFAULT_CONV_LAYERS))
+    """``(channels, kernel, stride)`` of each conv, in samples; the default (also XLS-R's) strides 320 samples
+    (20 ms at 16 kHz) with a 400-sample receptive field. fairseq ``conv_feature_layers``; HF ``conv_dim`` /
+    ``conv_kernel`` / ``conv_stride``."""
+
     conv_bias: bool = False
+    """Give the convs a bias. XLS-R: True; BASE: False."""
+
     feature_grad_mult: float = 1.0
+    """Multiplies the gradient flowing into the conv stack; 0 freezes it (run under ``no_grad``).
+    XLS-R: 1.0; BASE: 0.1."""
+
     # transformer
     encoder_layers: int = 12
+    """Number of transformer layers L. XLS-R 300M: 24 (1B, 2B: 48). HF ``num_hidden_layers``."""
+
     encoder_embed_dim: int = 768
+    """Transformer width D (the conv features are projected C -> D). XLS-R 300M: 1024. HF ``hidden_size``."""
+
     encoder_ffn_embed_dim: int = 3072
+    """Inner width of each layer's feed-forward block. XLS-R 300M: 4096. HF ``intermediate_size``."""
+
     encoder_attention_heads: int = 12
+    """Attention heads per layer; must divide ``encoder_embed_dim``. XLS-R: 16. HF ``num_attention_heads``."""
+
     layer_norm_first: bool = False
+    """True: pre-LN layers (LayerNorm before attention / FFN) and a final LayerNorm on the encoder output (XLS-R);
+    False: post-LN layers and a LayerNorm right after the positional conv (BASE). HF ``do_stable_layer_norm``."""
+
     activation_fn: Literal["gelu"] = "gelu"
+    """The feed-forward activation; only GELU is implemented (the modules always use GELU; the field is checked
+    when converting checkpoints). HF ``hidden_act``."""
+
     conv_pos: int = 128
+    """Kernel width (in frames) of the convolutional positional embedding (fairseq's help text calls it a number of
+    filters). XLS-R: 128. HF ``num_conv_pos_embeddings``."""
+
     conv_pos_groups: int = 16
+    """Groups of that positional conv. XLS-R: 16. HF ``num_conv_pos_embedding_groups``."""
+
     # dropouts
     dropout: float = 0.1
+    """Dropout on the encoder input (after the positional conv) and on every attention / FFN output before its
+    residual add. XLS-R: 0.0; BASE: 0.1. HF ``hidden_dropout``."""
+
     attention_dropout: float = 0.1
+    """Dropout on the attention weights. XLS-R: 0.0; BASE: 0.1. HF ``attention_dropout``."""
+
     activation_dropout: float = 0.0
+    """Dropout after the FFN activation. XLS-R and BASE: 0.0. HF ``activation_dropout``."""
+
     encoder_layerdrop: float = 0.0
+    """LayerDrop: in training each transformer layer is skipped with this probability (drawn once per update).
+    XLS-R: 0.0; BASE: 0.05. HF ``layerdrop``."""
+
     dropout_input: float = 0.0
+    """Dropout on the projected features (B, T, D), before masking and the encoder. XLS-R: 0.0; BASE: 0.1.
+    HF ``feat_proj_dropout``."""
+
     dropout_features: float = 0.0
+    """Dropout on the layer-normed conv features (B, T, C) that the quantizer turns into targets. XLS-R: 0.0;
+    BASE: 0.1. HF ``feat_quantizer_dropout``."""
+
     # quantizer and contrastive head
-    final_dim: int = 0  # 0 = encoder_embed_dim
+    final_dim: int = 0
+    """Dimension of the contrastive space (``final_proj`` / ``project_q`` outputs); 0 = ``encoder_embed_dim``.
+    XLS-R 300M: 768 (1B, 2B: 1024); BASE: 256. HF ``proj_codevector_dim`` (always spelled out)."""
+
     latent_vars: int = 320
+    """Codewords per codebook group (V). XLS-R: 320. HF ``num_codevectors_per_group``."""
+
     latent_groups: int = 2
-    latent_dim: int = 0  # codebook dim in total; 0 = final_dim
-    latent_temp: tuple[float, float, float] = (2.0, 0.5, 0.999995)  # (max, min, decay per update)
+    """Codebook groups (G); a quantized vector concatenates one codeword per group, so G * V choices in all.
+    XLS-R: 2. HF ``num_codevector_groups``."""
+
+    latent_dim: int = 0
+    """Dimension of a quantized vector in total (all groups; each codeword is ``latent_dim / latent_groups``);
+    0 = ``final_dim``. XLS-R: 0. HF ``codevector_dim`` (always spelled out)."""
+
+    latent_temp: tuple[float, float, float] = (2.0, 0.5, 0.999995)
+    """Gumbel-softmax temperature ``(max, min, decay per update)``: ``max(max * decay**num_updates, min)``.
+    XLS-R: (2.0, 0.1, 0.999995), at its minimum after ~600k updates; BASE: (2.0, 0.5, 0.999995)."""
+
     logit_temp: float = 0.1
+    """The contrastive logits are cosine similarities divided by this. XLS-R: 0.1.
+    HF ``contrastive_logits_temperature``."""
+
     num_negatives: int = 100
+    """Distractors per masked frame, drawn with replacement from the other masked frames of the same utterance.
+    XLS-R: 100. HF ``num_negatives``."""
+
     cross_sample_negatives: int = 0
+    """Further distractors per masked frame from the other masked frames of the whole batch. XLS-R: 0."""
+
     codebook_negatives: int = 0
+    """Further distractors per masked frame: random codebook entries (one random codeword per group). XLS-R: 0."""
+
     # time masking
     mask_prob: float = 0.65
+    """Each utterance gets ``mask_prob * T / mask_length`` spans (rounded at random), so with overlaps about 49 %
+    of the frames are masked at 0.65 x 10. XLS-R: 0.65. HF ``mask_time_prob``."""
+
     mask_length: int = 10
+    """Frames per masked span (10 frames = 200 ms). XLS-R: 10. HF ``mask_time_length``."""
+
     min_masks: int = 2
+    """At least this many spans per utterance. Not a fairseq field (its ``apply_mask`` passes 2).
+    HF ``mask_time_min_masks``."""
+
     no_mask_overlap: bool = False
+    """True: spans are placed so that they never overlap, ``mask_min_space`` frames apart. XLS-R: False."""
+
     mask_min_space: int = 1
+    """With ``no_mask_overlap``: the least gap between spans, in frames; ignored otherwise. XLS-R: 1."""
+
     require_same_masks: bool = True
+    """Thin every utterance's mask at random to the batch's smallest masked count (every row masks as many
+    frames). A newer fairseq field, absent from the XLS-R cfg (absent = True)."""
+
     # channel masking (fine-tuning)
     mask_channel_prob: float = 0.0
+    """Channel masking: spans of the D channels of the encoder input are zeroed in every frame of an utterance,
+    sampled like time spans over the channel axis; 0 = off (XLS-R pretraining). HF ``mask_feature_prob``."""
+
     mask_channel_length: int = 10
+    """Channels per masked channel span. HF ``mask_feature_length``."""
+
     mask_channel_before: bool = False
+    """True: channels are zeroed before the time mask, so masked frames hold the whole mask embedding (fairseq's
+    ``mask_emb``); False: after it, so the mask embedding loses those channels too. As fairseq's ``apply_mask``."""
+
     no_mask_channel_overlap: bool = False
+    """True: channel spans never overlap, ``mask_channel_min_space`` apart."""
+
     mask_channel_min_space: int = 1
+    """With ``no_mask_channel_overlap``: the least gap between channel spans; ignored otherwise."""
+
     # what the model expects of its input (fairseq keeps these in the task cfg)
     normalize: bool = False
+    """The model expects each utterance normalised to zero mean and unit variance (done by the data pipeline or
+    the caller, not the model). XLS-R: True; BASE: False. fairseq ``task.normalize``; HF preprocessor
+    ``do_normalize``."""
+
     sample_rate: int = 16000
+    """Sample rate (Hz) of the audio the model expects. XLS-R: 16000. fairseq ``task.sample_rate``; HF preprocessor
+    ``sampling_rate``."""
 
     def __post_init__(self) -> None:
         self.conv_layers = [tuple(int(v) for v in spec) for spec in self.conv_layers]  # type: ignore[misc]

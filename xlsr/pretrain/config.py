@@ -28,13 +28,31 @@ ArchitectureOverrides = dataclasses.make_dataclass(
 
 @dataclass
 class ModelConfig(ArchitectureOverrides):  # type: ignore[misc, valid-type]
-    """Which model: a preset, optionally a checkpoint to start from, and per-field overrides."""
+    """Which model: a preset, optionally a checkpoint to start from, and per-field overrides.
+
+    Every ``Wav2Vec2Config`` field (documented in ``xlsr/config.py``) is also a field here, None by default = the
+    preset's (or ``init_from``'s) value; ``conv_layers`` is then fairseq's expression string, e.g.
+    ``model.conv_layers="[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512,2,2)] * 2"``.
+    """
 
     preset: str = "tiny"
-    init_from: Optional[str] = None  # any checkpoint from_pretrained reads: continue pretraining from it
-    loss_weights: List[float] = field(default_factory=lambda: [0.1, 0.0])  # (diversity, feature penalty)
+    """Architecture to build: a name in ``xlsr.config.PRESETS`` (tiny, base, large-lv60, xlsr-300m, xlsr-1b,
+    xlsr-2b). Ignored when ``init_from`` is set."""
+
+    init_from: Optional[str] = None
+    """Any checkpoint ``from_pretrained`` reads (fairseq ``.pt``, HF or our directory): continue pretraining from its
+    architecture and weights (not its optimizer state or update count: the schedule starts at 0). None = fresh."""
+
+    loss_weights: List[float] = field(default_factory=lambda: [0.1, 0.0])
+    """``[diversity, feature penalty]`` weights of the criterion (fairseq ``criterion.loss_weights``).
+    XLS-R and LARGE: [0.1, 0.0]; BASE: [0.1, 10.0]."""
+
     activation_checkpointing: bool = False
+    """Recompute the conv stack and each transformer layer in backward instead of keeping their activations:
+    same results, less memory, about 1/3 more compute there (fairseq's ``checkpoint_activations``)."""
+
     compile: bool = False
+    """``torch.compile`` every transformer layer (``dynamic=True``: batch lengths vary)."""
 
     def overrides(self) -> dict[str, Any]:
         values = {}
@@ -52,58 +70,149 @@ class ModelConfig(ArchitectureOverrides):  # type: ignore[misc, valid-type]
 
 @dataclass
 class OptimConfig:
-    """Adam with decoupled weight decay, linear warm-up then polynomial decay (fairseq's polynomial_decay)."""
+    """Adam with decoupled weight decay, linear warm-up then polynomial decay (fairseq's polynomial_decay).
+
+    fairseq keeps these in ``optimization`` / ``optimizer`` / ``lr_scheduler``; the names differ where noted.
+    The class defaults are the BASE recipe; ``optim=xlsr`` (``xlsr/conf/optim/xlsr.yaml``, the default group of
+    ``python -m xlsr.pretrain``) is the XLS-R one, from the released ``xlsr2_300m.pt`` cfg.
+    """
 
     lr: float = 5e-4
+    """Peak learning rate, reached at the end of warm-up. XLS-R: 6e-4; BASE: 5e-4. fairseq ``optimization.lr``
+    (a one-element list there)."""
+
     betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    """Adam ``(beta1, beta2)``. XLS-R and BASE: [0.9, 0.98]. fairseq ``optimizer.adam_betas``."""
+
     eps: float = 1e-6
+    """Adam epsilon. XLS-R and BASE: 1e-6. fairseq ``optimizer.adam_eps``."""
+
     weight_decay: float = 0.01
+    """Decoupled (AdamW) weight decay, on every parameter as fairseq's Adam. XLS-R and BASE: 0.01."""
+
     warmup_updates: int = 32000
-    max_update: int = 400000  # length of the schedule and of the run
+    """Updates of linear warm-up from 0 to ``lr``. XLS-R and BASE: 32000. fairseq ``lr_scheduler.warmup_updates``."""
+
+    max_update: int = 400000
+    """Length of the schedule (the LR reaches ``end_lr`` here) and of the run. XLS-R: 1M; BASE: 400k.
+    fairseq ``optimization.max_update`` and ``lr_scheduler.total_num_update`` (one value here)."""
+
     end_lr: float = 0.0
+    """LR at ``max_update``. XLS-R: 0.0. fairseq ``lr_scheduler.end_learning_rate``."""
+
     power: float = 1.0
-    clip_norm: float = 0.0  # 0 = no clipping
-    update_freq: int = 1  # gradient accumulation: micro-batches per update
-    fp16_init_scale: float = 128.0  # precision=fp16: the loss scale to start from (fairseq's fp16_init_scale)
-    # memory saver: update each parameter inside backward and free its gradient at once (the same updates; no
-    # gradient for every weight held). One process, update_freq 1, no clipping, not fp16. step_in_backward.py
+    """Exponent of the decay, ``(1 - progress) ** power``; 1 = linear. XLS-R: 1.0. fairseq ``lr_scheduler.power``."""
+
+    clip_norm: float = 0.0
+    """Clip the gradient's global L2 norm to this; 0 = no clipping (XLS-R). fairseq ``optimization.clip_norm``."""
+
+    update_freq: int = 1
+    """Gradient accumulation: micro-batches per update. XLS-R: 1 (on 128 GPUs). fairseq ``optimization.update_freq``
+    (a one-element list there)."""
+
+    fp16_init_scale: float = 128.0
+    """With ``precision=fp16``: the loss scale to start from. XLS-R: 128. fairseq ``common.fp16_init_scale``."""
+
     step_in_backward: bool = False
+    """Memory saver: update each parameter inside backward and free its gradient at once (the same updates; no
+    gradient for every weight held). One process, update_freq 1, no clipping, not fp16. See step_in_backward.py."""
 
 
 @dataclass
 class DistributedConfig:
-    backend: str = "auto"  # auto: nccl on GPU, gloo on CPU. World size and ranks come from torchrun's environment.
+    """Process-group settings; world size and ranks come from torchrun's environment."""
+
+    backend: str = "auto"
+    """torch.distributed backend; auto: nccl on GPU, gloo on CPU. fairseq ``distributed_training.distributed_backend``
+    (XLS-R: nccl)."""
+
     timeout_minutes: int = 30
+    """Timeout of collective operations (``init_process_group``'s ``timeout``), in minutes."""
 
 
 @dataclass
 class CheckpointConfig:
-    dir: str = "checkpoints"  # relative to output_dir
+    """Training checkpoints (``checkpoint_<update>.pt``: model, optimizer, RNG and data position)."""
+
+    dir: str = "checkpoints"
+    """Folder of the training checkpoints, relative to ``output_dir``. fairseq ``checkpoint.save_dir``."""
+
     save_interval_updates: int = 1000
+    """Save every this many updates (and at the end of the run). XLS-R: 25000. fairseq has the same name."""
+
     keep_last: int = 3
-    resume: str = "auto"  # auto: newest checkpoint in dir if any; never; or a path
+    """Keep only the newest this many checkpoints; 0 = keep all. fairseq ``checkpoint.keep_interval_updates``
+    (XLS-R: 1)."""
+
+    resume: str = "auto"
+    """auto: continue from the newest readable checkpoint in ``dir`` if any; never: start a new run; or a path to
+    start from. A new run first moves an earlier run's outputs to ``output_dir/previous_runs/``."""
 
 
 @dataclass
 class PretrainConfig:
+    """Everything ``python -m xlsr.pretrain`` reads (``xlsr/conf/pretrain.yaml`` composes it)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
+    """Model group (``model=xlsr-300m`` etc.): preset, init checkpoint, architecture overrides, loss weights."""
+
     data: DataConfig = field(default_factory=DataConfig)
+    """Data group: manifests, crops, batch size (``xlsr.pretrain.data.DataConfig``)."""
+
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optim group: optimizer and LR schedule."""
+
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Distributed group: backend and timeout."""
+
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Training checkpoints: where, how often, how many, resuming."""
+
     output_dir: str = "runs/pretrain"
+    """Where the run writes config.yaml, metrics.jsonl, tensorboard/, checkpoints and the final ``model/``
+    (``pretrain.yaml`` sets ``runs/pretrain-<model>``; also hydra's run dir)."""
+
     seed: int = 1
-    device: str = "auto"  # auto: cuda if available, else cpu
-    precision: str = "fp32"  # fp32 | bf16 | fp16
-    max_epoch: int = 0  # 0 = no limit (stop at optim.max_update)
-    max_time_minutes: float = 0.0  # 0 = no limit; stops cleanly with a checkpoint
-    stop_at_update: int = 0  # stop cleanly (with a checkpoint) here without changing the LR schedule; 0 = no
-    log_interval: int = 10  # updates between log lines
-    validate_interval_updates: int = 0  # 0 = at the end of every epoch only
-    max_valid_batches: int = 0  # 0 = whole valid set
-    tensorboard: bool = True  # when tensorboard is installed
+    """Seed of the initial weights and of every batch's RNG (from seed, epoch and batch index). XLS-R: 1.
+    fairseq ``common.seed``."""
+
+    device: str = "auto"
+    """auto: cuda if available, else cpu; or a torch device name (on cuda each rank takes its LOCAL_RANK's GPU)."""
+
+    precision: str = "fp32"
+    """fp32 | bf16 | fp16: autocast dtype of the forward (weights stay fp32; fp16 adds loss scaling). The XLS-R run
+    used fairseq's fp16 (``common.fp16``)."""
+
+    max_epoch: int = 0
+    """Stop after this many epochs; 0 = no limit (stop at ``optim.max_update``). fairseq ``optimization.max_epoch``."""
+
+    max_time_minutes: float = 0.0
+    """Stop cleanly, with a checkpoint, after this much wall time; 0 = no limit. (fairseq's
+    ``optimization.stop_time_hours``, in hours.)"""
+
+    stop_at_update: int = 0
+    """Stop cleanly (with a checkpoint) at this update without changing the LR schedule; 0 = no."""
+
+    log_interval: int = 10
+    """Updates between "train" log lines (the first and last update are always logged). XLS-R: 200.
+    fairseq ``common.log_interval``."""
+
+    validate_interval_updates: int = 0
+    """Validate every this many updates (then not at epoch ends); 0 = at the end of every epoch only.
+    fairseq ``dataset.validate_interval_updates``."""
+
+    max_valid_batches: int = 0
+    """Validate on at most this many batches per rank; 0 = the whole valid set.
+    (fairseq ``dataset.max_valid_steps``.)"""
+
+    tensorboard: bool = True
+    """Also write tensorboard event files to ``output_dir/tensorboard`` (when tensorboard is installed)."""
+
     progress_bar: bool = True
-    threads: int = 0  # torch.set_num_threads on CPU; 0 = leave torch's default
+    """Show a tqdm progress bar on rank 0 (fairseq: ``common.no_progress_bar``, inverted)."""
+
+    threads: int = 0
+    """torch.set_num_threads (CPU intra-op threads); 0 = leave torch's default."""
 
 
 def register_configs() -> None:

@@ -57,21 +57,56 @@ _CROP_IN_BATCH = 1
 
 @dataclass
 class DataConfig:
-    """Data options of pretraining (a hydra structured config: simple types only)."""
+    """Data options of pretraining (a hydra structured config: simple types only).
 
-    manifest: str = "???"  # train.tsv path; several comma-separated paths = several corpora
+    fairseq keeps most of these in ``task`` (audio_pretraining) or ``dataset``; its name is given per field.
+    "XLS-R" values are those of the released ``xlsr2_300m.pt`` cfg (per GPU, 128 GPUs).
+    """
+
+    manifest: str = "???"
+    """train.tsv path (from ``python -m xlsr.manifest``); several comma-separated paths = several corpora.
+    fairseq: ``task.data`` (a folder holding train.tsv)."""
+
     valid_manifest: Optional[str] = None
-    sampling_alpha: float = 1.0  # corpus probability ∝ (hours_i / hours)^alpha; 1.0 = natural
+    """valid.tsv path for validation; None = no validation. (fairseq: ``dataset.valid_subset`` in ``task.data``.)"""
+
+    sampling_alpha: float = 1.0
+    """With several corpora, each epoch resamples corpus i to probability ∝ (hours_i / hours)^alpha; 1.0 = natural.
+    XLS-R used 0.5 (done offline in its manifests; no fairseq field)."""
+
     sample_rate: int = 16000
-    max_sample_size: int = 320000  # longer files are randomly cropped to this many samples
-    min_sample_size: int = 32000  # shorter files are dropped
-    max_tokens: int = 1_200_000  # samples per batch (items * longest cropped item)
-    pad: bool = False  # False: crop a batch to its shortest item; True: zero-pad to longest
-    normalize: Optional[bool] = None  # None: what the model asks for
+    """Sample rate (Hz) the audio must have (or is resampled to, with ``resample``). fairseq ``task.sample_rate``."""
+
+    max_sample_size: int = 320000
+    """Longer files are randomly cropped to this many samples (20 s at 16 kHz). XLS-R: 320000.
+    fairseq ``task.max_sample_size``."""
+
+    min_sample_size: int = 32000
+    """Shorter files are dropped (2 s at 16 kHz). XLS-R: 32000. fairseq ``task.min_sample_size``."""
+
+    max_tokens: int = 1_200_000
+    """Samples per batch (items * longest cropped item). XLS-R: 1.2M (75 s) per GPU. fairseq ``dataset.max_tokens``."""
+
+    pad: bool = False
+    """False: crop a batch to its shortest item; True: zero-pad to the longest (with a padding mask). XLS-R: False.
+    fairseq ``task.enable_padding``."""
+
+    normalize: Optional[bool] = None
+    """Zero-mean unit-variance normalisation of each utterance (before cropping); None: what the model asks for
+    (``Wav2Vec2Config.normalize``). XLS-R: True. fairseq ``task.normalize``."""
+
     num_workers: int = 2
-    skip_bad: bool = True  # True: skip unreadable files; False: check headers first, then fail
-    resample: bool = False  # resample other sample rates with soxr instead of failing
+    """DataLoader worker processes per rank. XLS-R: 6. fairseq ``dataset.num_workers``."""
+
+    skip_bad: bool = True
+    """True: skip unreadable files; False: check headers first, then fail."""
+
+    resample: bool = False
+    """Resample other sample rates with soxr instead of failing."""
+
     required_batch_size_multiple: int = 1
+    """Batch sizes are rounded down to a multiple of this where possible. XLS-R: 8 (fairseq's default).
+    fairseq ``dataset.required_batch_size_multiple``."""
 
 
 def check_data_config(cfg: DataConfig) -> None:
