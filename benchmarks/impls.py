@@ -1,0 +1,256 @@
+"""The implementations under test (``--impls``), each built on the same inputs and timed the same way.
+
+    ours, ours+compile  xlsr's Wav2Vec2Model (+ compile_encoder()); train loss: xlsr.pretrain.loss.compute_loss
+    hf                  transformers' Wav2Vec2Model (inference) / Wav2Vec2ForPreTraining (train), SDPA attention
+    fairseq             fairseq's own Wav2Vec2Model (``--fairseq-path``, benchmarks/README.md) and its criterion
+
+``make_inputs`` writes the shared inputs (audio, span mask, negatives), ``make_runner`` builds one implementation
+for one workload spec; its ``step()`` times one repetition (inference, or a train step with the optimiser).
+Everything heavy (torch, xlsr, transformers, fairseq) is imported inside the functions, in the worker processes.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import time
+
+
+def hf_config(cfg):
+    """The transformers ``Wav2Vec2Config`` with the same architecture as our ``cfg`` (our HF exporter's mapping)."""
+    from transformers import Wav2Vec2Config as HFConfig
+
+    from xlsr.checkpoints.huggingface import config_to_huggingface
+
+    return HFConfig.from_dict(config_to_huggingface(cfg))
+
+
+def fairseq_model(cfg, fairseq_path: str):
+    """fairseq's own Wav2Vec2Model with our config's architecture (fairseq and our config share field names).
+
+    ``fairseq_path``: extra import locations (os.pathsep-separated), appended to sys.path, e.g. an unpacked
+    fairseq source tree and a ``pip install --target`` folder with what it imports (bitarray, sacrebleu, sklearn).
+    """
+    import dataclasses
+
+    for entry in filter(None, fairseq_path.split(os.pathsep)):
+        sys.path.append(entry)
+    from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Config as FairseqConfig
+    from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Model as FairseqModel
+
+    from xlsr.checkpoints.fairseq import config_to_fairseq
+
+    fields = {f.name for f in dataclasses.fields(FairseqConfig)}
+    values = {key: value for key, value in config_to_fairseq(cfg).items() if key in fields}
+    return FairseqModel(FairseqConfig(**values))
+
+
+def fairseq_importable(fairseq_path: str) -> bool:
+    """Whether fairseq's wav2vec 2.0 model imports (in a child process: its import is slow and noisy)."""
+    code = ("import os, sys; sys.path += [p for p in sys.argv[1].split(os.pathsep) if p]; "
+            "import fairseq.models.wav2vec.wav2vec2")
+    result = subprocess.run([sys.executable, "-c", code, fairseq_path], capture_output=True, text=True)
+    return result.returncode == 0
+
+
+def make_inputs(cfg, batch: int, samples: int, seed: int = 0) -> dict:
+    """Audio, a fixed span mask (cfg.mask_prob x cfg.mask_length) and HF-sampled negatives, shared by both."""
+    import torch
+
+    import xlsr
+    from xlsr.modules.feature_encoder import conv_output_length
+
+    gen = torch.Generator().manual_seed(seed)
+    source = torch.randn(batch, samples, generator=gen)
+    source = torch.nn.functional.layer_norm(source, (samples,))
+    frames = conv_output_length(samples, cfg.conv_layers)
+    mask = xlsr.compute_mask_indices(
+        (batch, frames), None, cfg.mask_prob, cfg.mask_length, cfg.min_masks, generator=gen
+    )
+    try:
+        from transformers.models.wav2vec2.modeling_wav2vec2 import _sample_negative_indices
+
+        import numpy as np
+
+        np.random.seed(seed)
+        negatives = torch.from_numpy(_sample_negative_indices((batch, frames), cfg.num_negatives, mask.numpy()))
+    except ImportError:  # no transformers: our own sampler (same distribution)
+        negatives = xlsr.sample_negatives(mask, cfg.num_negatives, generator=gen)
+    return {"source": source, "mask": mask, "negatives": negatives.long()}
+
+
+def make_optimizer(params, name: str, device):
+    """AdamW (lr 1e-5) in the ``--optim`` variant: fused (else foreach where fused is unavailable), foreach, plain."""
+    import torch
+
+    if name == "fused":
+        try:
+            return torch.optim.AdamW(params, lr=1e-5, fused=True)
+        except (RuntimeError, TypeError, ValueError):
+            name = "foreach"
+    if name == "foreach":
+        return torch.optim.AdamW(params, lr=1e-5, foreach=True)
+    return torch.optim.AdamW(params, lr=1e-5, foreach=False)
+
+
+class Runner:
+    """One implementation on one workload: build, then ``step()`` runs one timed repetition.
+
+    A subclass builds its model (``build``) and says what one inference (``features``) and one training loss
+    (``loss``) are; this class moves the inputs to the device and adds autocast, the optimiser and the timing.
+    """
+
+    def __init__(self, impl: str, spec: dict, inputs: dict):
+        import torch
+
+        self.torch = torch
+        self.impl = impl
+        self.spec = spec
+        self.device = torch.device(spec["device"])
+        self.bf16 = spec["bf16"]
+        self.train = spec["kind"] == "train"
+        torch.manual_seed(0)
+        import xlsr
+
+        cfg = xlsr.Wav2Vec2Config.from_preset(spec["preset"])
+        self.source, self.mask, self.negatives = (inputs[key].to(self.device) for key in ("source", "mask", "negatives"))
+        model = self.build(cfg)
+        self.model = model.to(self.device).train(self.train)
+        self.optimizer = None
+        self.step_in_backward = None
+        if self.train:
+            self.optimizer = make_optimizer(model.parameters(), spec["optim"], self.device)
+            if spec.get("step_in_backward"):  # as the trainer sets it up
+                from xlsr.pretrain.step_in_backward import attach_step_in_backward
+
+                self.step_in_backward = attach_step_in_backward(self.optimizer, model.parameters(), self.device)
+
+    def build(self, cfg):
+        """The implementation's model for our config ``cfg`` (on the CPU; the caller moves it)."""
+        raise NotImplementedError
+
+    def features(self):
+        """One inference forward: the last layer's output."""
+        raise NotImplementedError
+
+    def loss(self):
+        """One training forward with ``self.mask`` (and ``self.negatives``): the pretraining loss."""
+        raise NotImplementedError
+
+    def _autocast(self):
+        return self.torch.autocast(self.device.type, dtype=self.torch.bfloat16, enabled=self.bf16)
+
+    def fn(self):
+        """One repetition, untimed: a no-grad forward, or forward, loss, backward and optimiser step."""
+        if not self.train:
+            with self.torch.inference_mode(), self._autocast():
+                return self.features()
+        with self._autocast():
+            loss = self.loss()
+        loss.backward()
+        if self.step_in_backward is None:  # else the backward pass has updated every parameter already
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def step(self) -> dict:
+        """One timed repetition: wall and CPU seconds."""
+        torch = self.torch
+        gc.collect()  # no collector pause inside the timed region (same for every implementation)
+        gc.disable()
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            out = self.fn()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            else:
+                float(out.float().sum())
+            wall = time.perf_counter() - t0
+        finally:
+            gc.enable()
+        return {"time": wall, "cpu": time.process_time() - cpu0}
+
+
+class OursRunner(Runner):
+    """xlsr's Wav2Vec2Model; ``ours+compile`` compiles the encoder."""
+
+    def build(self, cfg):
+        import xlsr
+        from xlsr.pretrain.loss import compute_loss
+
+        self._compute_loss = compute_loss
+        model = xlsr.Wav2Vec2Model(cfg)
+        model.set_activation_checkpointing(self.spec["checkpointing"])
+        if "compile" in self.impl:
+            model.compile_encoder()
+        return model
+
+    def features(self):
+        return self.model.extract_features(self.source).x
+
+    def loss(self):
+        out = self.model(self.source, mask_indices=self.mask, negative_indices=self.negatives)
+        return self._compute_loss(out, (0.1, 0.0)).total  # XLS-R weights: contrastive + 0.1 diversity
+
+
+class HFRunner(Runner):
+    """transformers' Wav2Vec2Model / Wav2Vec2ForPreTraining with the same architecture, SDPA attention."""
+
+    def build(self, cfg):
+        from transformers import Wav2Vec2ForPreTraining
+        from transformers import Wav2Vec2Model as HFModel
+
+        hf_cfg = hf_config(cfg)
+        hf_cfg._attn_implementation = "sdpa"
+        model = (Wav2Vec2ForPreTraining if self.train else HFModel)(hf_cfg)
+        if self.spec["checkpointing"]:
+            if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    def features(self):
+        return self.model(self.source).last_hidden_state
+
+    def loss(self):
+        return self.model(self.source, mask_time_indices=self.mask, sampled_negative_indices=self.negatives).loss
+
+
+class FairseqRunner(Runner):
+    """fairseq's own Wav2Vec2Model; it draws its own negatives and has no activation checkpointing."""
+
+    def build(self, cfg):
+        if self.spec["checkpointing"]:
+            raise ValueError("fairseq's wav2vec 2.0 has no activation checkpointing option")
+        model = fairseq_model(cfg, self.spec.get("fairseq_path", ""))
+        model.set_num_updates(0)
+        return model
+
+    def features(self):
+        return self.model(self.source, mask=False, features_only=True)["x"]
+
+    def loss(self):
+        # fairseq's wav2vec criterion: cross entropy summed over masked frames (target 0 = the positive), plus
+        # 0.1 x diversity x sample size. fairseq draws its own 100 negatives per masked frame.
+        F = self.torch.nn.functional
+        out = self.model(self.source, mask_indices=self.mask)
+        logits = self.model.get_logits(out).float()
+        target = logits.new_zeros(logits.size(0), dtype=self.torch.long)
+        loss = F.cross_entropy(logits, target, reduction="sum")
+        return loss + 0.1 * self.model.get_extra_losses(out)[0].float() * target.numel()
+
+
+RUNNERS = {"ours": OursRunner, "hf": HFRunner, "fairseq": FairseqRunner}
+
+
+def make_runner(impl: str, spec: dict, inputs: dict) -> Runner:
+    """The runner of ``impl`` (ours, ours+compile, hf, fairseq) for one workload ``spec`` on ``inputs``."""
+    family = "ours" if impl.startswith("ours") else impl
+    if family not in RUNNERS:
+        raise ValueError(f"unknown implementation {impl!r}")
+    return RUNNERS[family](impl, spec, inputs)
