@@ -19,8 +19,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from xlsr.config import Wav2Vec2Config
-from xlsr.modules.feature_encoder import FeatureEncoder, FeatureProjection, GradMultiply
-from xlsr.modules.masking import compute_channel_mask, compute_mask_indices, sample_negatives
+from xlsr.modules.feature_encoder import FeatureEncoder, FeatureProjection, GradMultiply, receptive_field
+from xlsr.kernels.contrastive import indexed_contrastive_logits
+from xlsr.modules.masking import (
+    apply_masks,
+    compute_channel_mask,
+    compute_mask_indices,
+    negatives_among_masked,
+    sample_negatives,
+)
 from xlsr.modules.quantizer import GumbelVectorQuantizer
 from xlsr.modules.transformer import TransformerEncoder
 
@@ -78,6 +85,8 @@ class Wav2Vec2Model(nn.Module):
         )
         self.project_q = nn.Linear(cfg.codebook_dim, cfg.proj_dim)
         self.final_proj = nn.Linear(cfg.encoder_embed_dim, cfg.proj_dim)
+        # fast path for the logits (xlsr/kernels/contrastive.py, the same numbers); False = contrastive_logits below
+        self.indexed_logits = True
 
     # ------------------------------------------------------------------ shared front end
     def _conv_features(self, source: torch.Tensor) -> torch.Tensor:
@@ -118,11 +127,7 @@ class Wav2Vec2Model(nn.Module):
     @property
     def receptive_field(self) -> int:
         """Number of samples that make the first output frame."""
-        field, jump = 1, 1
-        for _, kernel, stride in self.cfg.conv_layers:
-            field += (kernel - 1) * jump
-            jump *= stride
-        return field
+        return receptive_field(self.cfg.conv_layers)
 
     # ------------------------------------------------------------------ feature extraction
     def extract_features(
@@ -150,64 +155,79 @@ class Wav2Vec2Model(nn.Module):
         negative_indices: torch.Tensor | None = None,
         layer_keep: list[bool] | None = None,
     ) -> PretrainingOutput:
-        """The contrastive pretraining forward.
+        """The contrastive pretraining forward: front end -> mask -> encoder -> contrast.
 
-        mask_indices (B, T) bool and negative_indices (B, T, N) int64 into the flattened B*T frames pin the
-        randomness; when None they are sampled from the config (global torch RNG). layer_keep: LayerDrop
-        decisions (the trainer passes the same ones on every rank).
+        source (B, S); padding_mask (B, S) bool, True = pad. mask_indices (B, T) bool and negative_indices (B, T, N)
+        int64 into the flattened B*T frames pin the randomness; when None they are sampled from the config (global
+        torch RNG). layer_keep: LayerDrop decisions (the trainer passes the same ones on every rank).
         """
-        cfg = self.cfg
         self._check_source(source, padding_mask)
-        conv = self._conv_features(source)
+        conv = self._conv_features(source)  # (B, T, C)
         features_pen = conv.float().pow(2).mean()
-        features, x = self.feature_projection(conv)
-        batch, time, _ = features.shape
-        frame_padding = self.frame_padding_mask(padding_mask, time)
-        targets_in = self.dropout_features(features)
+        features, x = self.feature_projection(conv)  # (B, T, C) normed, (B, T, D)
+        frame_padding = self.frame_padding_mask(padding_mask, features.shape[1])
+        targets_in = self.dropout_features(features)  # what the quantizer turns into targets
         x = self.dropout_input(x)
+        x, mask_indices = self._mask(x, frame_padding, mask_indices)
+        x, _ = self.encoder(x, frame_padding, layer_keep=layer_keep)
+        return self._contrast(x, targets_in, mask_indices, frame_padding, negative_indices, features_pen)
 
+    def _mask(
+        self, x: torch.Tensor, frame_padding: torch.Tensor | None, mask_indices: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample (unless given) and apply the time and channel masks: x (B, T, D) -> (masked x, (B, T) bool)."""
+        cfg = self.cfg
+        batch, time, dim = x.shape
         if mask_indices is None:
             mask_indices = compute_mask_indices(
                 (batch, time), frame_padding, cfg.mask_prob, cfg.mask_length, cfg.min_masks,
                 cfg.require_same_masks, cfg.no_mask_overlap, cfg.mask_min_space,
-            ).to(x.device)
+            )
         mask_indices = mask_indices.to(device=x.device, dtype=torch.bool)
         if mask_indices.shape != (batch, time):
             raise ValueError(f"mask_indices has shape {tuple(mask_indices.shape)}, expected {(batch, time)}")
         if not mask_indices.any():
             raise ValueError("no frame is masked: the contrastive task needs at least one masked frame")
-        channel_mask = None  # (B, 1, D): channels zeroed in every frame, as fairseq's apply_mask
+        channel_mask = None
         if cfg.mask_channel_prob > 0:
             channel_mask = compute_channel_mask(
-                batch, x.shape[-1], cfg.mask_channel_prob, cfg.mask_channel_length,
-                cfg.no_mask_channel_overlap, cfg.mask_channel_min_space,
-            ).to(x.device).unsqueeze(1)
-        if channel_mask is not None and cfg.mask_channel_before:  # masked frames get the whole mask embedding
-            x = x.masked_fill(channel_mask, 0.0)
-        x = torch.where(mask_indices.unsqueeze(-1), self.mask_embedding.to(x.dtype), x)
-        if channel_mask is not None and not cfg.mask_channel_before:  # the mask embedding loses those channels too
-            x = x.masked_fill(channel_mask, 0.0)
+                batch, dim, cfg.mask_channel_prob, cfg.mask_channel_length, cfg.no_mask_channel_overlap,
+                cfg.mask_channel_min_space,
+            )
+        x = apply_masks(x, mask_indices, self.mask_embedding, channel_mask, cfg.mask_channel_before)
+        return x, mask_indices
 
-        x, _ = self.encoder(x, frame_padding, layer_keep=layer_keep)
-
+    def _contrast(
+        self,
+        x: torch.Tensor,
+        targets_in: torch.Tensor,
+        mask_indices: torch.Tensor,
+        frame_padding: torch.Tensor | None,
+        negative_indices: torch.Tensor | None,
+        features_pen: torch.Tensor,
+    ) -> PretrainingOutput:
+        """Quantize the masked frames' features into targets, draw distractors, score them against the context."""
+        cfg = self.cfg
+        batch, time, _ = x.shape
         flat_mask = mask_indices.reshape(-1)
         quantized = self.quantizer(targets_in.reshape(batch * time, -1)[flat_mask])
-        y = self.project_q(quantized.quantized)  # (K, F)
-
+        targets = self.project_q(quantized.quantized)  # (K, F), K = masked frames, row-major
+        context = self.final_proj(x.reshape(batch * time, -1)[flat_mask])  # (K, F)
         if negative_indices is None:
             negative_indices = sample_negatives(
                 mask_indices, cfg.num_negatives, frame_padding, cfg.cross_sample_negatives
             )
-        negative_rows = self._negatives_among_masked(negative_indices, flat_mask, batch * time)  # (K, N) into y
-        context = self.final_proj(x.reshape(batch * time, -1)[flat_mask])  # (K, F)
-        if cfg.codebook_negatives > 0:
-            negatives = y[negative_rows]  # (K, N, F)
-            codebook_negs = self.project_q(self.quantizer.sample_codevectors(y.shape[0] * cfg.codebook_negatives))
-            negatives = torch.cat([negatives, codebook_negs.view(y.shape[0], cfg.codebook_negatives, -1)], dim=1)
-            logits = contrastive_logits(context, y, negatives, cfg.logit_temp)
-        else:
+        negative_rows = negatives_among_masked(negative_indices, flat_mask)  # (K, N) rows of targets
+        if self.indexed_logits and cfg.codebook_negatives == 0:  # fast path: xlsr/kernels/contrastive.py
             utterance = flat_mask.nonzero()[:, 0].div(time, rounding_mode="floor")  # (K,) batch row of each
-            logits = indexed_contrastive_logits(context, y, negative_rows, cfg.logit_temp, utterance)
+            logits = indexed_contrastive_logits(context, targets, negative_rows, cfg.logit_temp, utterance)
+        else:
+            negatives = targets[negative_rows]  # (K, N, F)
+            if cfg.codebook_negatives > 0:
+                sampled = self.quantizer.sample_codevectors(targets.shape[0] * cfg.codebook_negatives)
+                sampled = self.project_q(sampled).view(targets.shape[0], cfg.codebook_negatives, -1)
+                negatives = torch.cat([negatives, sampled], dim=1)
+            logits = contrastive_logits(context, targets, negatives, cfg.logit_temp)
         return PretrainingOutput(
             logits=logits,
             mask_indices=mask_indices,
@@ -218,17 +238,6 @@ class Wav2Vec2Model(nn.Module):
             temperature=quantized.temperature,
             features_pen=features_pen,
         )
-
-    @staticmethod
-    def _negatives_among_masked(negative_indices: torch.Tensor, flat_mask: torch.Tensor, num_frames: int):
-        """(B, T, N) indices into B*T -> (K, N) indices into the K masked frames (row-major order)."""
-        negative_indices = negative_indices.to(flat_mask.device).reshape(num_frames, -1)[flat_mask]
-        if negative_indices.numel() and (negative_indices.min() < 0 or negative_indices.max() >= num_frames):
-            raise ValueError(f"negative_indices must lie in [0, {num_frames}) (flattened B*T frames)")
-        if not flat_mask[negative_indices].all():
-            raise ValueError("negative_indices of masked frames must point at masked frames")
-        position_among_masked = flat_mask.long().cumsum(0) - 1
-        return position_among_masked[negative_indices]
 
     def compile_encoder(self, **compile_kwargs) -> "Wav2Vec2Model":
         """``torch.compile`` every transformer layer in place (``nn.Module.compile``); returns ``self``.
@@ -280,79 +289,6 @@ def contrastive_logits(
     candidates = torch.cat([positives.unsqueeze(1), negatives], dim=1).float()
     logits = F.cosine_similarity(context.float().unsqueeze(1), candidates, dim=-1) / logit_temp
     neg_is_pos = (positives.unsqueeze(1) == negatives).all(-1)
-    if neg_is_pos.any():
-        logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(neg_is_pos, float("-inf"))], dim=1)
-    return logits
-
-
-def _unit_rows(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """x / max(||x||, eps) over the last axis, with the gradient of ``F.cosine_similarity`` (clamp outside autograd)."""
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clone()
-    with torch.no_grad():
-        norm.clamp_min_(eps)
-    return x / norm
-
-
-def _gathered_dots(a: torch.Tensor, b: torch.Tensor, index: torch.Tensor, group: torch.Tensor | None) -> torch.Tensor:
-    """out[k, j] = a[k] . b[index[k, j]] without gathering the (K, J, F) rows of b.
-
-    When every index[k] stays in the group (utterance) of row k (``group`` (K,) sorted), the dot products of each
-    group with itself come from one batched product (G, n, n), n = rows of the largest group; otherwise from
-    a @ b.T in row chunks. Either way far fewer bytes than gathering J rows of F per row.
-    """
-    rows = a.shape[0]
-    if group is not None and rows and bool((group[index] == group[:, None]).all()):
-        counts = torch.bincount(group)
-        starts = counts.cumsum(0) - counts
-        position = torch.arange(rows, device=a.device) - starts[group]
-        size = int(counts.max())
-        if bool((counts == size).all()):
-            a_blocks, b_blocks = a.view(len(counts), size, -1), b.view(len(counts), size, -1)
-        else:
-            a_blocks = a.new_zeros(len(counts), size, a.shape[1]).index_put((group, position), a)
-            b_blocks = b.new_zeros(len(counts), size, b.shape[1]).index_put((group, position), b)
-        dots = torch.bmm(a_blocks, b_blocks.transpose(1, 2))[group, position]  # (K, size)
-        return dots.gather(1, index - starts[group][:, None])
-    chunk = max(1, 2**22 // max(rows, 1))
-    return torch.cat([(a[i : i + chunk] @ b.t()).gather(1, index[i : i + chunk]) for i in range(0, rows, chunk)])
-
-
-def _equal_rows(y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """(K, N) bool: row index[k, n] of y equals row k exactly (``==`` on every entry), as the original's check.
-
-    Rows are hashed (exact integer arithmetic on their bits) and only hash matches are compared entry by entry.
-    """
-    with torch.no_grad():
-        values = y.detach().float() + 0.0  # -0.0 -> +0.0: equal under ==, so they must hash alike
-        weights = torch.randint(1, 2**20, (values.shape[1],), generator=torch.Generator().manual_seed(0))
-        hashes = (values.view(torch.int32).long() * weights.to(values.device)).sum(-1)  # |sum| < 2**61
-        same = hashes[index] == hashes[:, None]
-        if bool(same.any()):
-            rows, cols = same.nonzero(as_tuple=True)
-            same[rows, cols] = (y[rows] == y[index[rows, cols]]).all(-1)
-        return same
-
-
-def indexed_contrastive_logits(
-    context: torch.Tensor,
-    targets: torch.Tensor,
-    negative_index: torch.Tensor,
-    logit_temp: float,
-    group: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``contrastive_logits(context, targets, targets[negative_index], logit_temp)`` without gathering negatives.
-
-    context, targets (K, F); negative_index (K, N) rows of ``targets``; group (K,) optional sorted utterance id of
-    each row (negatives drawn within the utterance make the products block-diagonal). Cosines are dot products of
-    rows normalised once (the original normalises every (frame, candidate) pair); float32, whatever autocast says.
-    """
-    with torch.autocast(context.device.type, enabled=False):
-        unit_context = _unit_rows(context.float())
-        unit_targets = _unit_rows(targets.float())
-        own = torch.arange(context.shape[0], device=context.device)[:, None]
-        index = torch.cat([own, negative_index.to(own.device)], dim=1)  # column 0 = the positive
-        logits = _gathered_dots(unit_context, unit_targets, index, group) / logit_temp
-    neg_is_pos = _equal_rows(targets, negative_index)
     if neg_is_pos.any():
         logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(neg_is_pos, float("-inf"))], dim=1)
     return logits

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from xlsr.kernels.channels_last_conv import channels_last_conv_stack
+
 
 class Fp32LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 whatever the input dtype (as fairseq's ``Fp32LayerNorm``)."""
@@ -17,20 +19,6 @@ class Fp32LayerNorm(nn.LayerNorm):
         weight = self.weight.float() if self.weight is not None else None
         bias = self.bias.float() if self.bias is not None else None
         return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).type_as(x)
-
-    def forward_channels_last(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalise the last axis (same numbers as ``forward``).
-
-        Without autograd on the CPU, a bf16/fp16 input goes straight into the kernel with float32 weights: it
-        computes in float32 and rounds once, as the ``.float()`` round trip does, minus two copies. With autograd the
-        round trip stays, so that the weight and bias gradients are summed in float32 as in the original.
-        """
-        needs_grad = torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)
-        if x.device.type != "cpu" or x.dtype == torch.float32 or needs_grad:
-            return Fp32LayerNorm.forward(self, x)
-        weight = self.weight.float() if self.weight is not None else None
-        bias = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
 
 
 class Fp32GroupNorm(nn.GroupNorm):
@@ -72,10 +60,10 @@ class FeatureEncoder(nn.Module):
     ``layer_norm`` mode (XLS-R, large): LayerNorm over channels after every conv.
     Norms run in float32, as in the original.
 
-    ``forward_frames`` returns (B, T, C). In ``layer_norm`` mode on the CPU it runs channels-last: each conv is a
-    few matrix products over strided views of the (batch x time, channels) activations (``strided_conv``), so the
-    norms need no transposes; ``channels_last = False`` forces the plain Conv1d path, ``True`` forces the
-    channels-last one on any device.
+    ``forward_frames`` returns (B, T, C). Fast path: in ``layer_norm`` mode on the CPU the stack runs channels-last
+    (``xlsr/kernels/channels_last_conv.py``: each conv as matrix products over strided views, norms without
+    transposes; same outputs and gradients, tested). ``channels_last = False`` turns it off (the plain Conv1d
+    reference below runs), ``True`` forces it on any device.
     """
 
     def __init__(self, conv_layers: Sequence[tuple[int, int, int]], mode: str = "group_norm", conv_bias: bool = False):
@@ -111,141 +99,49 @@ class FeatureEncoder(nn.Module):
         return self._stack(source)
 
     def _stack(self, source: torch.Tensor) -> torch.Tensor:
-        use_channels_last = self.channels_last
-        if use_channels_last is None:
-            use_channels_last = source.device.type == "cpu"
-        if use_channels_last and self.mode == "layer_norm":
-            return self._forward_channels_last(source)
-        x = source.unsqueeze(1)
+        if self.uses_channels_last(source):  # the CPU fast path: xlsr/kernels/channels_last_conv.py
+            return channels_last_conv_stack(self, source)
+        x = source.unsqueeze(1)  # the reference: Conv1d -> norm -> GELU per layer, (B, C, S) throughout
         for layer in self.conv_layers:
             x = layer(x)
         return x.transpose(1, 2)
 
-    def _forward_channels_last(self, source: torch.Tensor) -> torch.Tensor:
-        """The layer_norm-mode stack on (batch x rows, channels) activations.
-
-        Every utterance gets ``rows`` rows, a multiple of each layer's stride (the audio is zero-padded to a
-        multiple of the product of the strides), so one matrix product per kernel block serves the whole batch.
-        The rows past an utterance's last frame hold finite junk that no real frame reads; they are cut at the end
-        (so their gradient is zero).
-        """
-        batch, samples = source.shape
-        total_stride = 1
-        for layer in self.conv_layers:
-            total_stride *= layer.conv.stride[0]
-        rows = -(-samples // total_stride) * total_stride
-        x = F.pad(source, (0, rows - samples)) if rows != samples else source
-        x = x.reshape(batch * rows, 1)
-        length = samples
-        for layer in self.conv_layers:
-            conv = layer.conv
-            kernel, stride = conv.kernel_size[0], conv.stride[0]
-            rows //= stride
-            length = (length - kernel) // stride + 1
-            x = strided_conv(x, conv.weight, conv.bias, stride)
-            x = F.gelu(layer.norm.forward_channels_last(x))
-        return x.view(batch, rows, -1)[:, :length]
+    def uses_channels_last(self, source: torch.Tensor) -> bool:
+        """Whether ``forward_frames`` takes the channels-last kernel: ``channels_last`` if set, else on the CPU; only
+        in layer_norm mode (group-norm's GroupNorm needs the whole (C, T) plane)."""
+        wanted = self.channels_last if self.channels_last is not None else source.device.type == "cpu"
+        return wanted and self.mode == "layer_norm"
 
     def output_lengths(self, input_lengths: torch.Tensor) -> torch.Tensor:
         """Number of frames produced from ``input_lengths`` samples (any integer tensor shape)."""
-        lengths = input_lengths
-        for layer in self.conv_layers:
-            kernel, stride = layer.conv.kernel_size[0], layer.conv.stride[0]
-            lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
-        return lengths
+        return conv_output_length(input_lengths, self.layer_shapes)
+
+    @property
+    def layer_shapes(self) -> list[tuple[int, int, int]]:
+        """(dim, kernel, stride) of each conv layer."""
+        return [(layer.conv.out_channels, layer.conv.kernel_size[0], layer.conv.stride[0]) for layer in self.conv_layers]
 
 
-def _tap_blocks(kernel: int, stride: int) -> list[tuple[int, int]]:
-    """Split a kernel into blocks of at most ``stride`` consecutive taps: [(first tap, number of taps)]."""
-    return [(first, min(stride, kernel - first)) for first in range(0, kernel, stride)]
+def conv_output_length(length, conv_layers: Sequence[tuple[int, int, int]]):
+    """Frames the conv stack makes from ``length`` samples (int or integer tensor); conv_layers [(dim, kernel, stride)].
 
-
-def _block_view(x: torch.Tensor, rows: int, first: int, taps: int, stride: int) -> torch.Tensor:
-    """Rows ``r * stride + first ... + taps - 1`` of x (M, C) side by side: a (rows, taps * C) strided view."""
-    channels = x.shape[1]
-    return x.as_strided((rows, taps * channels), (stride * channels, 1), x.storage_offset() + first * channels)
-
-
-class _StridedConv(torch.autograd.Function):
-    """Conv1d on (M, C_in) rows -> (M // stride, C_out) rows; row r reads input rows r*stride ... r*stride+k-1.
-
-    The kernel is cut into blocks of ``stride`` taps; a block's input is a strided view whose row length is at
-    most its row step, so forward and both gradients are plain matrix products with no copy of the activations.
-    Output rows whose window runs past the input are zero. All tensors in one dtype (autocast is done outside).
+    Each layer: floor((length - kernel) / stride) + 1 (no padding).
     """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride):  # type: ignore[override]
-        rows_in, in_dim = x.shape
-        out_dim, _, kernel = weight.shape
-        rows_out = rows_in // stride
-        valid = (rows_in - kernel) // stride + 1 if rows_in >= kernel else 0
-        out = x.new_empty(rows_out, out_dim)
-        out[valid:].zero_()
-        if valid > 0:
-            if kernel * in_dim <= 64:  # tiny window (first layer, one channel): one product on a small copy
-                blocks = [(0, kernel)]
-                views = [x.as_strided((valid, kernel * in_dim), (stride * in_dim, 1), x.storage_offset()).contiguous()]
-            else:
-                blocks = _tap_blocks(kernel, stride)
-                views = [_block_view(x, valid, first, taps, stride) for first, taps in blocks]
-            for i, ((first, taps), view) in enumerate(zip(blocks, views)):
-                w = weight[:, :, first : first + taps].permute(0, 2, 1).reshape(out_dim, taps * in_dim)
-                if i == 0:
-                    if bias is not None:
-                        torch.addmm(bias, view, w.t(), out=out[:valid])
-                    else:
-                        torch.mm(view, w.t(), out=out[:valid])
-                else:
-                    out[:valid].addmm_(view, w.t())
-        ctx.stride, ctx.valid, ctx.has_bias = stride, valid, bias is not None
-        ctx.save_for_backward(x, weight)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        x, weight = ctx.saved_tensors
-        stride, valid = ctx.stride, ctx.valid
-        rows_in, in_dim = x.shape
-        out_dim, _, kernel = weight.shape
-        grad = grad[:valid].contiguous()
-        grad_x = grad_w = grad_b = None
-        blocks = _tap_blocks(kernel, stride)
-        if ctx.needs_input_grad[1]:
-            grad_w = torch.empty_like(weight)
-            for first, taps in blocks:
-                block = grad.t() @ _block_view(x, valid, first, taps, stride)  # (C_out, taps * C_in)
-                grad_w[:, :, first : first + taps] = block.view(out_dim, taps, in_dim).permute(0, 2, 1)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad.sum(0)
-        if ctx.needs_input_grad[0]:
-            grad_x = x.new_empty(rows_in, in_dim)
-            for i, (first, taps) in enumerate(blocks):
-                w = weight[:, :, first : first + taps].permute(0, 2, 1).reshape(out_dim, taps * in_dim)
-                if i == 0 and taps == stride:  # the first block tiles rows [0, valid * stride) exactly once
-                    torch.mm(grad, w, out=grad_x[: valid * stride].view(valid, stride * in_dim))
-                    grad_x[valid * stride :].zero_()
-                else:
-                    if i == 0:
-                        grad_x.zero_()
-                    _block_view(grad_x, valid, first, taps, stride).addmm_(grad, w)
-        return grad_x, grad_w, grad_b, None
+    for _, kernel, stride in conv_layers:
+        if isinstance(length, torch.Tensor):
+            length = torch.div(length - kernel, stride, rounding_mode="floor") + 1
+        else:
+            length = (length - kernel) // stride + 1
+    return length
 
 
-def strided_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int) -> torch.Tensor:
-    """``F.conv1d`` on channels-last rows: x (M, C_in) -> (M // stride, C_out), output row r = window at r*stride.
-
-    Under autocast the product runs in the autocast dtype, as ``F.conv1d`` would.
-    """
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-    elif x.dtype != weight.dtype:
-        x = x.to(weight.dtype)
-    with torch.autocast(device_type, enabled=False):
-        return _StridedConv.apply(x.contiguous(), weight, bias, stride)
+def receptive_field(conv_layers: Sequence[tuple[int, int, int]]) -> int:
+    """Samples that make one output frame."""
+    field, jump = 1, 1
+    for _, kernel, stride in conv_layers:
+        field += (kernel - 1) * jump
+        jump *= stride
+    return field
 
 
 class FeatureProjection(nn.Module):

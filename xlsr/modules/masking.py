@@ -1,4 +1,6 @@
-"""Span masking and negative sampling for the contrastive task, with the original's distributions.
+"""Masks and negatives of the contrastive task, with the original's distributions: sampling the time and channel
+masks (``compute_mask_indices``, ``compute_channel_mask``), applying them (``apply_masks``), drawing distractors
+(``sample_negatives``) and mapping them onto the masked frames (``negatives_among_masked``).
 
 All randomness comes from an optional ``torch.Generator`` (CPU), so a trainer can pin and checkpoint it.
 """
@@ -158,3 +160,40 @@ def sample_negatives(
         own = torch.arange(pool.numel())
         out.view(-1, total)[pool, num_negatives:] = draw_others(pool, own, cross_sample_negatives)
     return out.to(mask_indices.device)
+
+
+def apply_masks(
+    x: torch.Tensor,
+    time_mask: torch.Tensor,
+    mask_embedding: torch.Tensor,
+    channel_mask: torch.Tensor | None = None,
+    channel_before: bool = False,
+) -> torch.Tensor:
+    """Masked copy of x (B, T, D), as fairseq's ``apply_mask``: frames where ``time_mask`` (B, T) is True become
+    ``mask_embedding`` (D,); channels where ``channel_mask`` (B, D) is True become 0 in every frame of that row.
+
+    channel_before: zero the channels first, so masked frames hold the whole mask embedding; otherwise (fairseq's
+    default) after, so the mask embedding loses those channels too.
+    """
+    channels = channel_mask.to(x.device).unsqueeze(1) if channel_mask is not None else None  # (B, 1, D)
+    if channels is not None and channel_before:
+        x = x.masked_fill(channels, 0.0)
+    x = torch.where(time_mask.unsqueeze(-1), mask_embedding.to(x.dtype), x)
+    if channels is not None and not channel_before:
+        x = x.masked_fill(channels, 0.0)
+    return x
+
+
+def negatives_among_masked(negative_indices: torch.Tensor, flat_mask: torch.Tensor) -> torch.Tensor:
+    """Distractor indices into the B*T frames (B, T, N) -> rows among the K masked frames (K, N), row-major order.
+
+    Only the rows of masked frames are read; they must point at masked frames (ValueError otherwise).
+    """
+    num_frames = flat_mask.numel()
+    negative_indices = negative_indices.to(flat_mask.device).reshape(num_frames, -1)[flat_mask]
+    if negative_indices.numel() and (negative_indices.min() < 0 or negative_indices.max() >= num_frames):
+        raise ValueError(f"negative_indices must lie in [0, {num_frames}) (flattened B*T frames)")
+    if not flat_mask[negative_indices].all():
+        raise ValueError("negative_indices of masked frames must point at masked frames")
+    position_among_masked = flat_mask.long().cumsum(0) - 1
+    return position_among_masked[negative_indices]

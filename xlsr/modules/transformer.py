@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from xlsr.kernels.gelu import gelu_fp32_saving_memory
 from xlsr.modules.positional import PositionalConvEmbedding
 
 
@@ -38,53 +39,32 @@ class SelfAttention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(batch, time, dim))
 
 
-class _HalfGeluFp32(torch.autograd.Function):
-    """``F.gelu(x.float()).to(x.dtype)`` for a bf16/fp16 ``x`` that keeps ``x`` itself for backward.
-
-    Forward and backward run exactly the float32 ops of the round trip (the same float32 kernels on the same,
-    exactly widened values, one rounding each), so the numbers are by construction bitwise those of the round
-    trip on any CPU or device. What it saves is memory: autograd keeps the half-precision input (2 bytes a value)
-    instead of the round trip's float32 copy (4 bytes a value) of the (B, T, F) FFN activation.
-
-    Not the native half-precision ``F.gelu`` kernel: its numbers depend on the CPU's vector ISA (on AVX2 its bf16
-    backward differs from the float32 kernel's in ~10 % of values, mostly x < -5; without vector kernels its
-    forward differs too, by 1-3 ulp) and without vector kernels it is ~6x slower than the float32 kernel.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x)
-        return F.gelu(x.float()).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        (x,) = ctx.saved_tensors
-        return torch.ops.aten.gelu_backward(grad.float(), x.float()).to(x.dtype)
-
-
 def gelu_fp32(x: torch.Tensor) -> torch.Tensor:
-    """GELU computed in float32, result in x's dtype (fairseq's ``gelu``: ``F.gelu(x.float()).type_as(x)``).
-
-    For bf16/fp16 the forward and backward are bitwise those of that round trip on every CPU (tested), but only the
-    half-precision input is kept for backward, not a float32 copy of (B, T, F); see ``_HalfGeluFp32``.
-    """
-    if x.dtype in (torch.bfloat16, torch.float16):
-        return _HalfGeluFp32.apply(x)
+    """GELU computed in float32, result in x's dtype (fairseq's ``gelu``: ``F.gelu(x.float()).type_as(x)``)."""
     return F.gelu(x.float()).type_as(x)
 
 
 class FeedForward(nn.Module):
-    """Linear -> GELU (in float32, as the original) -> dropout -> Linear.  (B, T, D) -> (B, T, D)."""
+    """Linear -> GELU (in float32, as the original) -> dropout -> Linear.  (B, T, D) -> (B, T, D).
+
+    ``memory_saving_gelu`` (default True): in bf16/fp16 the GELU is ``xlsr.kernels.gelu.gelu_fp32_saving_memory``,
+    bitwise ``gelu_fp32`` forward and backward (tested), which keeps the half-precision input for backward instead
+    of a float32 copy. False: ``gelu_fp32`` as written.
+    """
 
     def __init__(self, embed_dim: int, ffn_dim: int, activation_dropout: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(embed_dim, ffn_dim)
         self.fc2 = nn.Linear(ffn_dim, embed_dim)
         self.activation_dropout = nn.Dropout(activation_dropout)
+        self.memory_saving_gelu = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = self.fc1(x)
-        hidden = gelu_fp32(hidden)
+        if self.memory_saving_gelu and hidden.dtype in (torch.bfloat16, torch.float16):
+            hidden = gelu_fp32_saving_memory(hidden)
+        else:
+            hidden = gelu_fp32(hidden)
         return self.fc2(self.activation_dropout(hidden))
 
 
