@@ -123,7 +123,7 @@ class Runner:
         if self.train:
             self.optimizer = make_optimizer(model.parameters(), spec["optim"], self.device)
             if spec.get("step_in_backward"):  # as the trainer sets it up
-                from xlsr.pretrain.step_in_backward import attach_step_in_backward
+                from xlsr.pretrain.optim import attach_step_in_backward
 
                 self.step_in_backward = attach_step_in_backward(self.optimizer, model.parameters(), self.device)
 

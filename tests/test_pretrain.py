@@ -307,7 +307,7 @@ def test_validation_is_logged(corpus, tmp_path):
 
 def test_polynomial_decay_schedule():
     from xlsr.pretrain.config import OptimConfig
-    from xlsr.pretrain.trainer import polynomial_decay_lr
+    from xlsr.pretrain.optim import polynomial_decay_lr
 
     cfg = OptimConfig(lr=6e-4, warmup_updates=100, max_update=1100, end_lr=0.0, power=1.0)
     assert polynomial_decay_lr(0, cfg) == 0.0

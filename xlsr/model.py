@@ -3,10 +3,14 @@
 waveform (B, S)
   -> feature_extractor (conv stack)              (B, C, T)   one frame per 20 ms
   -> feature_projection: LayerNorm(C) -> Linear  (B, T, C) "features" and (B, T, D)
-  -> [pretraining] replace masked frames by mask_embedding
+  -> [pretraining] _mask: masked frames -> mask_embedding, masked channels -> 0 (modules/masking.py)
   -> encoder: positional conv + transformer      (B, T, D)
-  -> [pretraining] final_proj(context at masked frames) vs project_q(quantizer(features at masked frames))
-     and distractors: cosine logits (K, 1 + N)
+  -> [pretraining] _contrast: final_proj(context at masked frames) vs project_q(quantizer(features at masked
+     frames)) and distractors: cosine logits (K, 1 + N)
+
+Fast paths (xlsr/kernels/, one flag each, README "Fast paths"): the CPU conv stack
+(``feature_extractor.channels_last``), the logits without gathered negatives (``indexed_logits``), the
+memory-saving half-precision GELU (``FeedForward.memory_saving_gelu``).
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from xlsr.config import Wav2Vec2Config
-from xlsr.modules.feature_encoder import FeatureEncoder, FeatureProjection, GradMultiply, receptive_field
 from xlsr.kernels.contrastive import indexed_contrastive_logits
+from xlsr.modules.feature_encoder import FeatureEncoder, FeatureProjection, GradMultiply, receptive_field
 from xlsr.modules.masking import (
     apply_masks,
     compute_channel_mask,

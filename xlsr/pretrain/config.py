@@ -115,7 +115,7 @@ class OptimConfig:
 
     step_in_backward: bool = False
     """Memory saver: update each parameter inside backward and free its gradient at once (the same updates; no
-    gradient for every weight held). One process, update_freq 1, no clipping, not fp16. See step_in_backward.py."""
+    gradient for every weight held). One process, update_freq 1, no clipping, not fp16. See xlsr/pretrain/optim.py."""
 
 
 @dataclass

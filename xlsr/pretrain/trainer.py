@@ -16,20 +16,16 @@ import contextlib
 import dataclasses
 import logging
 import os
-import random
 import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel
 
-from xlsr.checkpoints import CheckpointError, safe_torch_load
-from xlsr.checkpoints.training import TRAINING_CHECKPOINT_MARK, is_training_checkpoint
 from xlsr.config import Wav2Vec2Config
 from xlsr.model import Wav2Vec2Model
 from xlsr.pretrain import checkpointing
@@ -37,21 +33,20 @@ from xlsr.pretrain.config import PretrainConfig
 from xlsr.pretrain.data import build_dataloader, set_loader_epoch
 from xlsr.pretrain.loss import compute_loss
 from xlsr.pretrain.metrics import MetricsLog, StepTotals, stats_to_record
-from xlsr.pretrain.step_in_backward import StepInBackward, attach_step_in_backward, step_in_backward_conflicts
+from xlsr.pretrain.optim import (
+    StepInBackward,
+    attach_step_in_backward,
+    build_optimizer,
+    gradient_scale,
+    optimizer_step,
+    polynomial_decay_lr,
+    set_lr,
+    step_in_backward_conflicts,
+)
 
 logger = logging.getLogger("xlsr.pretrain")
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def polynomial_decay_lr(num_updates: int, cfg) -> float:
-    """fairseq's polynomial_decay: linear warm-up from 0, then (1 - progress)^power down to end_lr."""
-    if cfg.warmup_updates > 0 and num_updates <= cfg.warmup_updates:
-        return cfg.lr * num_updates / cfg.warmup_updates
-    if num_updates >= cfg.max_update:
-        return cfg.end_lr
-    remaining = 1 - (num_updates - cfg.warmup_updates) / (cfg.max_update - cfg.warmup_updates)
-    return (cfg.lr - cfg.end_lr) * remaining**cfg.power + cfg.end_lr
 
 
 def _batch_seed(seed: int, epoch: int, batch_index: int) -> int:
@@ -103,7 +98,7 @@ class Trainer:
         self.forward_model = self.ddp_model if self.ddp_model is not None else self.model
         if cfg.precision not in _DTYPES:
             raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {cfg.precision!r}")
-        self.optimizer = self._build_optimizer()
+        self.optimizer = build_optimizer(self.model.parameters(), cfg.optim, self.device)
         self.step_in_backward = self._attach_step_in_backward()
         self.autocast_dtype = _DTYPES[cfg.precision]
         self.scaler = torch.amp.GradScaler(
@@ -160,13 +155,6 @@ class Trainer:
             return torch.device("cuda", local_rank)
         return torch.device(choice)
 
-    def _build_optimizer(self) -> torch.optim.Optimizer:
-        o = self.cfg.optim
-        kwargs: dict[str, Any] = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-        if self.device.type == "cuda":
-            kwargs["fused"] = True
-        return torch.optim.AdamW(self.model.parameters(), **kwargs)
-
     def _attach_step_in_backward(self) -> StepInBackward | None:
         if not self.cfg.optim.step_in_backward:
             return None
@@ -182,37 +170,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {
-            TRAINING_CHECKPOINT_MARK: 1,
-            "model": self.model.state_dict(),
-            "model_config": self.model_cfg.to_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "num_updates": self.num_updates,
-            "epoch": self.epoch,
-            "batches_done_in_epoch": self.batches_done_in_epoch,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
-            },
-            "config": OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True),
-        }
+        """The training checkpoint (layout in ``checkpointing.py``)."""
+        return checkpointing.training_state(
+            self.model, self.optimizer, self.scaler, num_updates=self.num_updates, epoch=self.epoch,
+            batches_done_in_epoch=self.batches_done_in_epoch,
+            config=OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True),
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.num_updates = state["num_updates"]
-        self.epoch = state["epoch"]
-        self.batches_done_in_epoch = state["batches_done_in_epoch"]
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        np.random.set_state(rng["numpy"])
-        random.setstate(rng["python"])
+        self.num_updates, self.epoch, self.batches_done_in_epoch = checkpointing.restore_training_state(
+            state, self.model, self.optimizer, self.scaler
+        )
 
     def save_checkpoint(self) -> Path | None:
         path = None
@@ -233,16 +201,10 @@ class Trainer:
         choice = self.cfg.checkpoint.resume
         state, path, unreadable = None, None, []
         if choice == "auto":
-            for candidate in reversed(checkpointing.list_checkpoints(self.checkpoint_dir)):
-                try:
-                    state, path = _load_training_checkpoint(candidate), candidate
-                    break
-                except CheckpointError as err:
-                    logger.warning("cannot resume from %s: %s; trying the one before", candidate, err)
-                    unreadable.append(candidate)
+            state, path, unreadable = checkpointing.newest_readable_checkpoint(self.checkpoint_dir, logger.warning)
         elif choice != "never":
             path = Path(choice)
-            state = _load_training_checkpoint(path)
+            state = checkpointing.load_training_checkpoint(path)
         if state is not None:
             self.load_state_dict(state)
             del state
@@ -295,18 +257,17 @@ class Trainer:
         start_time = time.monotonic()
         progress = self._progress_bar()
         last: dict[str, Any] = {}
-        while (reason := self._stop_reason(start_time)) is None:
+        while (reason := self._stop_reason(start_time)) is None:  # one pass = (the rest of) one epoch
             self._epoch_data_batches = 0
             for group in self._update_groups():
-                record = self.train_step(group)  # forward + backward of each micro-batch, then the update
+                # 1. forward + backward of each micro-batch, then the optimizer update
+                record = self.train_step(group)
                 self.batches_done_in_epoch += len(group)
                 if record is None:  # fp16 overflow, or no data in the whole update: no update was made
                     continue
                 last = record
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{last['loss']:.3f}", acc=f"{last['accuracy']:.3f}",
-                                         ppl=f"{last['code_perplexity']:.1f}", aps=f"{last['audio_sec_per_sec']:.0f}")
+                self._show_progress(progress, record)
+                # 2. log, validate, checkpoint at their intervals
                 if self.num_updates % cfg.log_interval == 0 or self.num_updates == 1:
                     self._log_train(record)
                 if cfg.validate_interval_updates and self.num_updates % cfg.validate_interval_updates == 0:
@@ -315,14 +276,16 @@ class Trainer:
                     self.save_checkpoint()
                 if self._stop_reason(start_time) is not None:
                     break
+            # 3. the epoch's summary line; the next epoch if this one is done
             complete = self.batches_done_in_epoch >= self.train_loader.batch_sampler.total_batches
             if complete and self._epoch_data_batches == 0 and self.epoch_totals.values["num_batches"] == 0:
                 raise RuntimeError(f"epoch {self.epoch}: no batch of {cfg.data.manifest} could be loaded")
             self._end_epoch(complete)
+        # 4. the end: last update logged, a checkpoint of it, the final model
         if progress is not None:
             progress.close()
         if last and self._logged_update != self.num_updates:
-            self._log_train(last)  # the last update of a run is always logged
+            self._log_train(last)
         if self._saved_update != self.num_updates:
             self.save_checkpoint()
         if self.is_main:
@@ -330,6 +293,13 @@ class Trainer:
             self.model.save_pretrained(self.output_dir / "model")
         self.metrics.close()
         return last
+
+    @staticmethod
+    def _show_progress(progress, record: dict[str, Any]) -> None:
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}",
+                                 ppl=f"{record['code_perplexity']:.1f}", aps=f"{record['audio_sec_per_sec']:.0f}")
 
     def _progress_bar(self):
         if not (self.is_main and self.cfg.progress_bar):
@@ -389,9 +359,9 @@ class Trainer:
         step_start = time.monotonic()
         totals = StepTotals()
         lr = polynomial_decay_lr(self.num_updates + 1, cfg.optim)
-        for param_group in self.optimizer.param_groups:
-            param_group["lr"] = lr
+        set_lr(self.optimizer, lr)
         layer_keep = self._layer_keep()
+        # forward + backward of each micro-batch; gradients add up (DDP all-reduces them on the last one)
         for micro_step, (global_index, batch) in enumerate(group):
             weight = 1.0
             if batch is None:  # an empty padding batch, or every file of the batch was unreadable
@@ -405,20 +375,18 @@ class Trainer:
             torch.manual_seed(_batch_seed(cfg.seed, self.epoch, global_index))
             last_micro = micro_step == len(group) - 1
             sync = contextlib.nullcontext() if (self.ddp_model is None or last_micro) else self.ddp_model.no_sync()
-            source = batch["source"].to(self.device, non_blocking=True)
-            padding_mask = batch["padding_mask"]
-            if padding_mask is not None:
-                padding_mask = padding_mask.to(self.device, non_blocking=True)
+            source, padding_mask = self._to_device(batch)
             with sync:
                 with self._autocast():
                     out = self.forward_model(source, padding_mask, layer_keep=layer_keep)
                     loss = compute_loss(out, tuple(cfg.model.loss_weights))
                 if self.step_in_backward is not None:  # one micro-batch, one process: its sample size is final
-                    self.step_in_backward.grad_scale = self._gradient_scale(loss.sample_size)
+                    self.step_in_backward.grad_scale = gradient_scale(self.world_size, loss.sample_size)
                 self.scaler.scale(loss.total * weight).backward()
             if weight:
                 totals.add(loss, out, audio_seconds=self._audio_seconds(source, padding_mask))
 
+        # the update: normalised by the masked frames of all micro-batches on all ranks
         stats = totals.all_reduce(self.world_size, self.device)
         if stats["sample_size"] == 0:
             self.optimizer.zero_grad(set_to_none=True)
@@ -428,7 +396,10 @@ class Trainer:
         if self.step_in_backward is not None:  # the backward pass has already updated every parameter
             grad_norm, scale_before, overflow = self.step_in_backward.pop_grad_norm(), 1.0, False
         else:
-            grad_norm, scale_before, overflow = self._optimizer_step(stats["sample_size"])
+            grad_norm, scale_before, overflow = optimizer_step(
+                list(self.model.parameters()), self.optimizer, self.scaler,
+                gradient_scale(self.world_size, stats["sample_size"]), cfg.optim.clip_norm,
+            )
         if overflow:
             if self.is_main:
                 logger.warning("fp16 gradient overflow at update %d: step skipped, loss scale -> %g",
@@ -446,30 +417,17 @@ class Trainer:
         self.metrics.check_health(self.num_updates, record, self.model_cfg.num_codevectors)
         return record
 
+    def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A collated batch's (source (B, S), padding_mask (B, S) or None) on the training device."""
+        padding_mask = batch["padding_mask"]
+        if padding_mask is not None:
+            padding_mask = padding_mask.to(self.device, non_blocking=True)
+        return batch["source"].to(self.device, non_blocking=True), padding_mask
+
     def _audio_seconds(self, source: torch.Tensor, padding_mask: torch.Tensor | None) -> float:
         """Seconds of audio in a batch (B, S), padding not counted."""
         samples = source.numel() - (int(padding_mask.sum()) if padding_mask is not None else 0)
         return samples / self.model_cfg.sample_rate
-
-    def _gradient_scale(self, sample_size: float) -> float:
-        """DDP averaged the gradients over ranks; this makes them the sum over all masked frames / their number."""
-        return self.world_size / max(sample_size, 1.0)
-
-    def _optimizer_step(self, sample_size: float) -> tuple[float, float, bool]:
-        """Normalise the summed gradients, clip, step, zero. Returns (grad norm, loss scale before, overflow)."""
-        self.scaler.unscale_(self.optimizer)
-        scale = self._gradient_scale(sample_size)
-        for p in self.model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(scale)
-        clip_norm = self.cfg.optim.clip_norm
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip_norm or float("inf")))
-        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        overflow = self.scaler.is_enabled() and self.scaler.get_scale() < scale_before
-        return grad_norm, scale_before, overflow
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
@@ -484,8 +442,7 @@ class Trainer:
             if batch is None:
                 continue
             torch.manual_seed(_batch_seed(self.cfg.seed, 0, index * self.world_size + self.rank))
-            source = batch["source"].to(self.device)
-            padding_mask = batch["padding_mask"].to(self.device) if batch["padding_mask"] is not None else None
+            source, padding_mask = self._to_device(batch)
             with self._autocast():
                 out = self.model(source, padding_mask)
                 loss = compute_loss(out, tuple(self.cfg.model.loss_weights))
@@ -495,11 +452,3 @@ class Trainer:
         self.metrics.log("valid", self.num_updates, record)
         self.model.train()
         return record
-
-
-def _load_training_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint ``python -m xlsr.pretrain`` wrote; CheckpointError (naming the file) for anything else."""
-    state = safe_torch_load(path)
-    if not is_training_checkpoint(state):
-        raise CheckpointError(f"{path}: not a training checkpoint of xlsr.pretrain (resume needs one)")
-    return state

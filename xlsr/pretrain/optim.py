@@ -1,4 +1,13 @@
-"""The optimizer step inside the backward pass: each parameter is updated as soon as its gradient is ready.
+"""The optimizer side of pretraining: AdamW, the learning-rate schedule, the update step, and the optional step
+inside the backward pass.
+
+- ``build_optimizer``: AdamW with decoupled weight decay (fairseq's ``adam`` with ``weight_decay``).
+- ``polynomial_decay_lr``: fairseq's ``polynomial_decay`` schedule (linear warm-up, then polynomial decay).
+- ``optimizer_step``: gradients summed over micro-batches and ranks -> divided by the number of masked frames ->
+  clipped -> AdamW step (with the fp16 loss scaler) -> zeroed.
+- ``StepInBackward`` (``optim.step_in_backward=true``): the same update, one parameter at a time during backward.
+
+Step inside backward: The optimizer step inside the backward pass: each parameter is updated as soon as its gradient is ready.
 
 A normal step keeps a gradient for every parameter until ``optimizer.step()``: for XLS-R 300M in fp32 that is
 1.2 GiB on top of the weights (1.2 GiB) and AdamW's two moments (2.4 GiB). Here a hook on each parameter scales
@@ -19,9 +28,67 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW from an ``OptimConfig`` (lr, betas, eps, weight_decay); fused kernels on CUDA."""
+    kwargs: dict[str, Any] = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    if device.type == "cuda":
+        kwargs["fused"] = True
+    return torch.optim.AdamW(params, **kwargs)
+
+
+def polynomial_decay_lr(num_updates: int, cfg) -> float:
+    """fairseq's polynomial_decay: linear warm-up from 0, then (1 - progress)^power down to end_lr.
+
+    ``num_updates`` is the update about to be made (1 for the first); cfg an ``OptimConfig``.
+    """
+    if cfg.warmup_updates > 0 and num_updates <= cfg.warmup_updates:
+        return cfg.lr * num_updates / cfg.warmup_updates
+    if num_updates >= cfg.max_update:
+        return cfg.end_lr
+    remaining = 1 - (num_updates - cfg.warmup_updates) / (cfg.max_update - cfg.warmup_updates)
+    return (cfg.lr - cfg.end_lr) * remaining**cfg.power + cfg.end_lr
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def gradient_scale(world_size: int, sample_size: float) -> float:
+    """What turns the backward's gradients into (sum over all masked frames) / (their number).
+
+    DDP averages gradients over ranks, hence ``world_size``; ``sample_size`` is summed over micro-batches and ranks.
+    """
+    return world_size / max(sample_size, 1.0)
+
+
+def optimizer_step(
+    params: list[torch.nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    scale: float,
+    clip_norm: float,
+) -> tuple[float, float, bool]:
+    """Unscale (fp16), multiply the gradients by ``scale``, clip to ``clip_norm`` (0 = no clipping), step, zero.
+
+    Returns (gradient norm before clipping, loss scale before the step, whether fp16 overflowed: no step then).
+    """
+    scaler.unscale_(optimizer)
+    for p in params:
+        if p.grad is not None:
+            p.grad.mul_(scale)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip_norm or float("inf")))
+    scale_before = scaler.get_scale() if scaler.is_enabled() else 1.0
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    overflow = scaler.is_enabled() and scaler.get_scale() < scale_before
+    return grad_norm, scale_before, overflow
 
 
 class StepInBackward:
