@@ -70,7 +70,12 @@ def build_model(cfg: PretrainConfig) -> Wav2Vec2Model:
 
 
 class Trainer:
-    """Builds everything from a ``PretrainConfig`` and runs ``train()``."""
+    """Builds everything from a ``PretrainConfig`` and runs ``train()``.
+
+    What is particular to pretraining sits in the methods of the "task" section (model, data, loss, totals,
+    schedule, health checks); ``xlsr.finetune.trainer.FineTuner`` overrides them for CTC and keeps the rest:
+    the loop, DDP, mixed precision, checkpoints and exact resume.
+    """
 
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
@@ -83,17 +88,15 @@ class Trainer:
         self.checkpoint_dir = self.output_dir / cfg.checkpoint.dir
 
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg).to(self.device)
-        self.model_cfg = self.model.cfg
+        self.model = self.build_model().to(self.device)
+        self.model_cfg: Wav2Vec2Config = self.encoder_config()
         if cfg.model.compile:
-            self.model.compile_encoder(dynamic=True)  # batch lengths vary: one graph for all of them
+            self.encoder_model().compile_encoder(dynamic=True)  # batch lengths vary: one graph for all of them
         self.ddp_model = None
         if self.world_size > 1:
-            # LayerDrop skips the same layers on every rank (decisions drawn per update); DDP's unused-parameter
-            # search lets their parameters go without a gradient, exactly as in one process
             self.ddp_model = DistributedDataParallel(
                 self.model, device_ids=[local_rank] if self.device.type == "cuda" else None,
-                find_unused_parameters=self.model_cfg.encoder_layerdrop > 0,
+                find_unused_parameters=self.find_unused_parameters(),
             )
         self.forward_model = self.ddp_model if self.ddp_model is not None else self.model
         if cfg.precision not in _DTYPES:
@@ -119,20 +122,53 @@ class Trainer:
         self.metrics.open()
         self.model.set_num_updates(self.num_updates)
 
-        self.train_loader = build_dataloader(
-            cfg.data, cfg.data.manifest, normalize=self.model_cfg.normalize, seed=cfg.seed, epoch=self.epoch,
-            rank=self.rank, world_size=self.world_size, start_batch=self.batches_done_in_epoch,
-        )
+        self.train_loader = self.build_loader(cfg.data.manifest, epoch=self.epoch, start_batch=self.batches_done_in_epoch)
         self.valid_loader = None
         if cfg.data.valid_manifest:
-            self.valid_loader = build_dataloader(
-                cfg.data, cfg.data.valid_manifest, normalize=self.model_cfg.normalize, seed=cfg.seed, epoch=1,
-                rank=self.rank, world_size=self.world_size, shuffle=False,
-            )
+            self.valid_loader = self.build_loader(cfg.data.valid_manifest, epoch=1, shuffle=False)
         self._dummy_batch: dict | None = None  # what a rank without a batch runs at zero weight (DDP)
-        self.epoch_totals = StepTotals()  # this epoch's updates, for the end-of-epoch line
+        self.epoch_totals = self.new_totals()  # this epoch's updates, for the end-of-epoch line
         self._epoch_updates = 0
         self._epoch_data_batches = 0  # batches with data this rank ran in this pass over the epoch
+
+    # ------------------------------------------------------------------ the task (overridden by fine-tuning)
+    def build_model(self) -> torch.nn.Module:
+        return build_model(self.cfg)
+
+    def encoder_model(self) -> Wav2Vec2Model:
+        """The ``Wav2Vec2Model`` inside the trained model (the model itself here)."""
+        return self.model
+
+    def encoder_config(self) -> Wav2Vec2Config:
+        return self.encoder_model().cfg
+
+    def find_unused_parameters(self) -> bool:
+        """DDP's unused-parameter search: LayerDrop skips the same layers on every rank (decisions drawn per
+        update), and their parameters go without a gradient, exactly as in one process."""
+        return self.model_cfg.encoder_layerdrop > 0
+
+    def build_loader(self, manifest: str, epoch: int, start_batch: int = 0, shuffle: bool = True):
+        return build_dataloader(
+            self.cfg.data, manifest, normalize=self.model_cfg.normalize, seed=self.cfg.seed, epoch=epoch,
+            rank=self.rank, world_size=self.world_size, start_batch=start_batch, shuffle=shuffle,
+        )
+
+    def forward_and_loss(self, model, batch: dict, source, padding_mask, layer_keep):
+        """(model output, loss) of one batch; ``loss.total`` is backpropagated, ``loss.sample_size`` normalises."""
+        out = model(source, padding_mask, layer_keep=layer_keep)
+        return out, compute_loss(out, tuple(self.cfg.model.loss_weights))
+
+    def new_totals(self) -> StepTotals:
+        return StepTotals()
+
+    def record(self, stats: dict[str, float]) -> dict[str, float]:
+        return stats_to_record(stats)
+
+    def learning_rate(self, num_updates: int) -> float:
+        return polynomial_decay_lr(num_updates, self.cfg.optim)
+
+    def check_health(self, record: dict[str, Any]) -> None:
+        self.metrics.check_health(self.num_updates, record, self.model_cfg.num_codevectors)
 
     # ------------------------------------------------------------------ setup
     def _init_distributed(self) -> tuple[int, int, int]:
@@ -317,11 +353,11 @@ class Trainer:
     def _end_epoch(self, complete: bool) -> None:
         """The end-of-epoch line (fairseq's "end of epoch N"), then, if the epoch is done, the next epoch."""
         if self.epoch_totals.values["num_batches"] > 0:
-            record = stats_to_record(self.epoch_totals.values)
+            record = self.record(self.epoch_totals.values)
             record.update(epoch=self.epoch, complete=complete, updates=self._epoch_updates,
                           skipped_files=self.train_loader.dataset.num_skipped)
             self.metrics.log("epoch", self.num_updates, record)
-        self.epoch_totals = StepTotals()
+        self.epoch_totals = self.new_totals()
         self._epoch_updates = 0
         if not complete:
             return
@@ -339,7 +375,7 @@ class Trainer:
     def _layer_keep(self) -> list[bool]:
         """LayerDrop decisions of this update, the same for every micro-batch and rank (seeded by the update)."""
         self.layerdrop_generator.manual_seed(_batch_seed(self.cfg.seed + 7, self.num_updates, 0))
-        return self.model.encoder.sample_layer_keep(self.layerdrop_generator)
+        return self.encoder_model().encoder.sample_layer_keep(self.layerdrop_generator)
 
     def _dummy(self) -> dict:
         """A batch for a rank that has none (run at zero weight): the first it trained, else seeded noise."""
@@ -357,8 +393,8 @@ class Trainer:
         cfg = self.cfg
         self.model.train()
         step_start = time.monotonic()
-        totals = StepTotals()
-        lr = polynomial_decay_lr(self.num_updates + 1, cfg.optim)
+        totals = self.new_totals()
+        lr = self.learning_rate(self.num_updates + 1)
         set_lr(self.optimizer, lr)
         layer_keep = self._layer_keep()
         # forward + backward of each micro-batch; gradients add up (DDP all-reduces them on the last one)
@@ -378,8 +414,7 @@ class Trainer:
             source, padding_mask = self._to_device(batch)
             with sync:
                 with self._autocast():
-                    out = self.forward_model(source, padding_mask, layer_keep=layer_keep)
-                    loss = compute_loss(out, tuple(cfg.model.loss_weights))
+                    out, loss = self.forward_and_loss(self.forward_model, batch, source, padding_mask, layer_keep)
                 if self.step_in_backward is not None:  # one micro-batch, one process: its sample size is final
                     self.step_in_backward.grad_scale = gradient_scale(self.world_size, loss.sample_size)
                 self.scaler.scale(loss.total * weight).backward()
@@ -411,10 +446,10 @@ class Trainer:
         self._epoch_updates += 1
 
         elapsed = time.monotonic() - step_start
-        record = stats_to_record(stats)
+        record = self.record(stats)
         record.update(lr=lr, grad_norm=grad_norm, loss_scale=scale_before, epoch=self.epoch,
                       audio_sec_per_sec=stats["audio_seconds"] / max(elapsed, 1e-9))
-        self.metrics.check_health(self.num_updates, record, self.model_cfg.num_codevectors)
+        self.check_health(record)
         return record
 
     def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -431,11 +466,11 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Loss on valid.tsv in eval mode (masking still applied, as the original), fixed RNG per batch."""
+        """Loss on the valid manifest in eval mode (masking still applied, as the original), fixed RNG per batch."""
         if self.valid_loader is None:
             return {}
         self.model.eval()
-        totals = StepTotals()
+        totals = self.new_totals()
         for index, batch in enumerate(self.valid_loader):
             if self.cfg.max_valid_batches and index >= self.cfg.max_valid_batches:
                 break
@@ -444,11 +479,19 @@ class Trainer:
             torch.manual_seed(_batch_seed(self.cfg.seed, 0, index * self.world_size + self.rank))
             source, padding_mask = self._to_device(batch)
             with self._autocast():
-                out = self.model(source, padding_mask)
-                loss = compute_loss(out, tuple(self.cfg.model.loss_weights))
+                out, loss = self.forward_and_loss(self.model, batch, source, padding_mask, None)
             totals.add(loss, out, audio_seconds=self._audio_seconds(source, padding_mask))
+            self.validation_batch_done(batch, out)
         stats = totals.all_reduce(self.world_size, self.device)
-        record = stats_to_record(stats)
+        record = self.record(stats)
+        record.update(self.validation_extras())
         self.metrics.log("valid", self.num_updates, record)
         self.model.train()
         return record
+
+    def validation_batch_done(self, batch: dict, out) -> None:
+        """Fine-tuning decodes here; nothing for pretraining."""
+
+    def validation_extras(self) -> dict[str, float]:
+        """More values for the valid line (fine-tuning: WER, CER); called once per validation, on every rank."""
+        return {}
