@@ -524,3 +524,19 @@ def test_collapse_and_saturation_warnings(tmp_path, caplog):
     assert len(messages) == 2  # once each
     assert "collapsed" in messages[0] and "3.00 of 640" in messages[0]
     assert "trivial" in messages[1]
+
+
+def test_tri_stage_schedule():
+    """fairseq's tri_stage: 10 % linear warm-up from 1 % of the peak, 40 % hold, 50 % exponential decay to 5 %."""
+    from types import SimpleNamespace
+
+    from xlsr.pretrain.optim import tri_stage_lr
+
+    cfg = SimpleNamespace(lr=3e-4, max_update=1000, phase_ratio=[0.1, 0.4, 0.5], init_lr_scale=0.01,
+                          final_lr_scale=0.05)
+    assert tri_stage_lr(0, cfg) == pytest.approx(3e-6)
+    assert tri_stage_lr(50, cfg) == pytest.approx(3e-6 + (3e-4 - 3e-6) * 0.5)
+    assert tri_stage_lr(100, cfg) == tri_stage_lr(499, cfg) == pytest.approx(3e-4)
+    assert tri_stage_lr(750, cfg) == pytest.approx(3e-4 * 0.05**0.5)
+    assert tri_stage_lr(1000, cfg) == pytest.approx(3e-4 * 0.05)
+    assert tri_stage_lr(5000, cfg) == pytest.approx(3e-4 * 0.05)

@@ -4,6 +4,9 @@
 
 SRC: a fairseq ``.pt``, a Hugging Face directory or one of ours (format detected). DST: a directory, written in our
 format (``--to native``, default) or as a Hugging Face ``Wav2Vec2ForPreTraining`` export (``--to hf``).
+A fine-tuned CTC model (fairseq ``wav2vec_ctc``, HF ``Wav2Vec2ForCTC``, our ``Wav2Vec2ForCTC``) is converted as one:
+``--to hf`` writes a ``Wav2Vec2ForCTC`` directory with ``vocab.json``, and ``--verify`` also compares the logits
+(relative to the largest |logit|).
 ``--verify`` reloads DST (a Hugging Face export through ``transformers`` when it is installed) and runs SRC and DST
 on the same seeded audio: two utterances, the second right-padded. It prints the largest absolute difference over
 the valid frames for the conv features, every transformer layer, the final output and the pretraining head, and
@@ -25,8 +28,10 @@ except ImportError:  # run as a script from a checkout: make the package importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xlsr.checkpoints import CheckpointError, detect_format
+from xlsr.checkpoints.ctc import is_ctc_checkpoint, save_ctc_huggingface
 from xlsr.checkpoints.huggingface import save_huggingface
 from xlsr.config import Wav2Vec2Config
+from xlsr.ctc import Wav2Vec2ForCTC
 from xlsr.model import Wav2Vec2Model
 
 VERIFY_SEED = 1234
@@ -48,7 +53,7 @@ def describe(model: Wav2Vec2Model, source_format: str, info: dict) -> list[str]:
         (
             f"quantizer:       {cfg.latent_groups} groups x {cfg.latent_vars} codes, "
             f"codebook dim {cfg.codebook_dim}, projection dim {cfg.proj_dim}"
-        ),
+        ) if model.quantizer is not None else "quantizer:       none (pretraining head removed)",
         f"parameters:      {params:,} ({params / 1e6:.1f}M)",
         f"sample rate:     {cfg.sample_rate} Hz",
         f"normalize input: {cfg.normalize}",
@@ -58,6 +63,18 @@ def describe(model: Wav2Vec2Model, source_format: str, info: dict) -> list[str]:
     if "architectures" in info:
         lines.append(f"HF architecture: {', '.join(info['architectures'])}")
     return lines
+
+
+def describe_ctc(model: Wav2Vec2ForCTC) -> list[str]:
+    """The CTC head's summary lines."""
+    cfg = model.cfg
+    shown = " ".join(model.vocab[:40]) + (" ..." if len(model.vocab) > 40 else "")
+    return [
+        f"CTC head:        {cfg.encoder.encoder_embed_dim} -> {cfg.vocab_size} outputs "
+        f"({sum(p.numel() for p in model.lm_head.parameters()):,} parameters), blank {cfg.blank_index} "
+        f"({model.vocab[cfg.blank_index]!r}), zero_infinity={cfg.zero_infinity}",
+        f"vocabulary:      {shown}",
+    ]
 
 
 def verification_audio(cfg: Wav2Vec2Config, seed: int = VERIFY_SEED) -> tuple[torch.Tensor, torch.Tensor]:
@@ -82,16 +99,53 @@ Outputs = dict[str, torch.Tensor]  # name -> (B, T, *) tensor
 
 
 @torch.no_grad()
-def run_ours(model: Wav2Vec2Model, source: torch.Tensor, padding_mask: torch.Tensor) -> Outputs:
+def run_ours_encoder(model: Wav2Vec2Model, source: torch.Tensor, padding_mask: torch.Tensor):
+    """Conv features, every layer's output and the final output of our encoder; and its FeatureOutput."""
     out: Outputs = {"conv features": model.feature_extractor(source).transpose(1, 2)}
     feats = model.extract_features(source, padding_mask)
     for index, layer_out in enumerate(feats.layer_results):
         out[f"layer {index}"] = layer_out
     out["final output"] = feats.x
+    return out, feats
+
+
+@torch.no_grad()
+def run_ours(model: Wav2Vec2Model, source: torch.Tensor, padding_mask: torch.Tensor) -> Outputs:
+    out, feats = run_ours_encoder(model, source, padding_mask)
     batch, time, _ = feats.features.shape
     quantized = model.quantizer(feats.features.reshape(batch * time, -1)).quantized
     out["project_q(quantized)"] = model.project_q(quantized).view(batch, time, -1)
     out["final_proj(output)"] = model.final_proj(feats.x)
+    return out
+
+
+@torch.no_grad()
+def run_ours_ctc(model: Wav2Vec2ForCTC, source: torch.Tensor, padding_mask: torch.Tensor) -> Outputs:
+    out, _ = run_ours_encoder(model.wav2vec2, source, padding_mask)
+    out["logits (relative)"] = model(source, padding_mask).logits
+    return out
+
+
+@torch.no_grad()
+def run_transformers_ctc(hf_model, source: torch.Tensor, padding_mask: torch.Tensor) -> Outputs:
+    """The same quantities from a ``transformers.Wav2Vec2ForCTC``."""
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, _inputs, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    handles = [layer.register_forward_hook(hook) for layer in hf_model.wav2vec2.encoder.layers]
+    try:
+        attention_mask = (~padding_mask).long()
+        base = hf_model.wav2vec2(source, attention_mask=attention_mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    out: Outputs = {"conv features": hf_model.wav2vec2.feature_extractor(source).transpose(1, 2)}
+    for index, layer_out in enumerate(captured[: len(hf_model.wav2vec2.encoder.layers)]):
+        out[f"layer {index}"] = layer_out
+    out["final output"] = base.last_hidden_state
+    out["logits (relative)"] = hf_model(source, attention_mask=attention_mask).logits
     return out
 
 
@@ -122,8 +176,12 @@ def run_transformers(hf_model, source: torch.Tensor, padding_mask: torch.Tensor)
     return out
 
 
+RELATIVE_OUTPUTS = ("logits (relative)",)  # compared relative to the reference's largest absolute value
+
+
 def compare(reference: Outputs, result: Outputs, frame_valid: torch.Tensor) -> list[tuple[str, float]]:
-    """Largest absolute difference per named output, over valid frames only."""
+    """Largest absolute difference per named output, over valid frames only (for ``RELATIVE_OUTPUTS``: divided by
+    the reference's largest absolute value there)."""
     rows = []
     for name, ref in reference.items():
         if name not in result:
@@ -135,14 +193,31 @@ def compare(reference: Outputs, result: Outputs, frame_valid: torch.Tensor) -> l
             continue
         diff = (ref.float() - other.float()).abs()
         valid = frame_valid if frame_valid.shape[1] == diff.shape[1] else torch.ones(diff.shape[:2], dtype=torch.bool)
-        rows.append((name, diff[valid].max().item() if valid.any() else 0.0))
+        value = diff[valid].max().item() if valid.any() else 0.0
+        if name in RELATIVE_OUTPUTS and valid.any():
+            value /= max(ref.float().abs()[valid].max().item(), torch.finfo(torch.float32).tiny)
+        rows.append((name, value))
     missing = sorted(set(result) - set(reference))
     rows.extend((name, float("inf")) for name in missing)
     return rows
 
 
-def reload_result(dst: Path, to: str, log: Callable[[str], None]):
+def reload_result(dst: Path, to: str, log: Callable[[str], None], ctc: bool = False):
     """-> (runner, loaded model) for the written checkpoint."""
+    if ctc:
+        if to == "hf":
+            try:
+                from transformers import Wav2Vec2ForCTC as HFWav2Vec2ForCTC
+            except ImportError:
+                log("transformers is not installed: verifying the HF export through our own reader")
+            else:
+                log("reloading the export with transformers.Wav2Vec2ForCTC")
+                hf_model, loading = HFWav2Vec2ForCTC.from_pretrained(str(dst), output_loading_info=True)
+                if loading.get("missing_keys") or loading.get("unexpected_keys"):
+                    raise ValueError(f"transformers reports missing keys {sorted(loading['missing_keys'])}, "
+                                     f"unexpected keys {sorted(loading['unexpected_keys'])}")
+                return run_transformers_ctc, hf_model.eval()
+        return run_ours_ctc, Wav2Vec2ForCTC.from_pretrained(dst)
     if to == "hf":
         try:
             from transformers import Wav2Vec2ForPreTraining
@@ -155,17 +230,20 @@ def reload_result(dst: Path, to: str, log: Callable[[str], None]):
     return run_ours, Wav2Vec2Model.from_pretrained(dst)
 
 
-def verify(model: Wav2Vec2Model, dst: Path, to: str, tolerance: float, log: Callable[[str], None]) -> bool:
+def verify(model: Wav2Vec2Model | Wav2Vec2ForCTC, dst: Path, to: str, tolerance: float,
+           log: Callable[[str], None]) -> bool:
+    ctc = isinstance(model, Wav2Vec2ForCTC)
     try:
-        runner, reloaded = reload_result(dst, to, log)
+        runner, reloaded = reload_result(dst, to, log, ctc=ctc)
     except Exception as err:  # noqa: BLE001  (a damaged or inconsistent result: report, do not crash)
         log(f"VERIFY FAILED: cannot reload {dst} ({type(err).__name__}: {err})")
         return False
-    source, padding_mask = verification_audio(model.cfg)
+    encoder = model.wav2vec2 if ctc else model
+    source, padding_mask = verification_audio(encoder.cfg)
     model.eval()
-    reference = run_ours(model, source, padding_mask)
+    reference = (run_ours_ctc if ctc else run_ours)(model, source, padding_mask)
     result = runner(reloaded, source, padding_mask)
-    frame_padding = model.frame_padding_mask(padding_mask, reference["final output"].shape[1])
+    frame_padding = encoder.frame_padding_mask(padding_mask, reference["final output"].shape[1])
     frame_valid = ~frame_padding if frame_padding is not None else torch.ones(reference["final output"].shape[:2], dtype=torch.bool)
     rows = compare(reference, result, frame_valid)
     lengths = (~padding_mask).sum(1).tolist()
@@ -200,18 +278,22 @@ def main(argv: list[str] | None = None) -> int:
     log = print
     try:
         source_format = detect_format(args.src)
-        model = Wav2Vec2Model.from_pretrained(args.src, strict=not args.no_strict)
+        ctc = is_ctc_checkpoint(args.src)
+        model = (Wav2Vec2ForCTC if ctc else Wav2Vec2Model).from_pretrained(args.src, strict=not args.no_strict)
     except CheckpointError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     info = getattr(model, "checkpoint_info", {})
-    for line in describe(model, source_format, info):
+    for line in describe(model.wav2vec2 if ctc else model, source_format, info):
         log(line)
+    if ctc:
+        for line in describe_ctc(model):
+            log(line)
     if args.dst.exists() and args.dst.resolve() == args.src.resolve():
         print("error: DST must differ from SRC", file=sys.stderr)
         return 2
     if args.to == "hf":
-        save_huggingface(model, args.dst)
+        (save_ctc_huggingface if ctc else save_huggingface)(model, args.dst)
     else:
         model.save_pretrained(args.dst)
     log(f"wrote {'Hugging Face' if args.to == 'hf' else 'native'} checkpoint to {args.dst}")

@@ -1,6 +1,7 @@
 """xlsr: wav2vec 2.0 / XLS-R in pure PyTorch, faithful to the original fairseq numbers."""
 
 from xlsr.config import PRESETS, Wav2Vec2Config
+from xlsr.ctc import CTCConfig, CTCOutput, Wav2Vec2ForCTC
 from xlsr.model import FeatureOutput, PretrainingOutput, Wav2Vec2Model
 from xlsr.modules.masking import compute_mask_indices, sample_negatives
 
@@ -8,6 +9,9 @@ __all__ = [
     "PRESETS",
     "Wav2Vec2Config",
     "Wav2Vec2Model",
+    "Wav2Vec2ForCTC",
+    "CTCConfig",
+    "CTCOutput",
     "FeatureOutput",
     "PretrainingOutput",
     "compute_mask_indices",

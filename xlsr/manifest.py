@@ -6,6 +6,14 @@ A manifest is a text file whose first line is the absolute root folder, followed
 Command line::
 
     python -m xlsr.manifest AUDIO_DIR --dest DIR --valid-percent 0.01 --ext flac,wav --seed 42
+
+With ``--transcripts TABLE`` (lines ``relative/path<TAB>text``, paths relative to AUDIO_DIR) it also writes, for
+CTC fine-tuning in fairseq's layout, ``train.wrd`` / ``train.ltr`` and ``valid.wrd`` / ``valid.ltr`` (one line per
+manifest row, same order; see :mod:`xlsr.finetune.labels`) and ``dict.ltr.txt`` from the train transcripts.
+Transcripts are normalised by :func:`xlsr.finetune.labels.normalize_transcript`: stripped, runs of whitespace made
+one space, upper-cased (``--keep-case`` to keep the case); punctuation is kept. An audio file without a transcript
+stops the tool listing every such file, before anything is written (``--drop-missing-transcripts`` leaves them
+out of the manifests instead).
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import os
 import random
 import sys
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 from tqdm import tqdm
 
@@ -26,6 +34,8 @@ from xlsr.files import write_text_atomic
 
 __all__ = [
     "ManifestError",
+    "MissingTranscriptsError",
+    "read_transcript_table",
     "ManifestSummary",
     "read_manifest",
     "write_manifest",
@@ -41,6 +51,22 @@ class ManifestError(ValueError):
     """A malformed manifest; the message names the file and the line number."""
 
 
+class MissingTranscriptsError(ValueError):
+    """Audio files without a transcript; ``paths`` lists them all (the message the first 50)."""
+
+    def __init__(self, paths: Sequence[str]):
+        self.paths = list(paths)
+        shown = "\n".join(f"  {p}" for p in self.paths[:50])
+        more = f"\n  ... and {len(self.paths) - 50} more" if len(self.paths) > 50 else ""
+        super().__init__(
+            f"{len(self.paths)} audio file(s) have no transcript (add them to the table, or drop them with "
+            f"--drop-missing-transcripts):\n{shown}{more}"
+        )
+
+    def __reduce__(self):
+        return (type(self), (self.paths,))
+
+
 @dataclass
 class ManifestSummary:
     """What :func:`write_manifest` wrote and what it left out."""
@@ -53,6 +79,10 @@ class ManifestSummary:
     bad_files: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     sample_rates: collections.Counter = field(default_factory=collections.Counter)
     channels: collections.Counter = field(default_factory=collections.Counter)
+    no_transcript: list[str] = field(default_factory=list)  # audio left out for want of a transcript
+    unused_transcripts: int = 0  # transcripts of the table that match no file of the manifests
+    dictionary_size: int = 0  # symbols of dict.ltr.txt, specials included
+    valid_unknown_letters: list[str] = field(default_factory=list)  # letters of valid.ltr missing from dict.ltr.txt
 
 
 def read_manifest(path: str | os.PathLike) -> tuple[str, list[tuple[str, int]]]:
@@ -98,6 +128,46 @@ def read_manifest(path: str | os.PathLike) -> tuple[str, list[tuple[str, int]]]:
                 )
             entries.append((rel_path, num_samples))
     return root, entries
+
+
+def read_transcript_table(path: str | os.PathLike, *, keep_case: bool = False) -> dict[str, str]:
+    """Read a transcript table: one ``relative/path<TAB>text`` a line (blank lines skipped), paths relative to the
+    audio folder; texts normalised with :func:`xlsr.finetune.labels.normalize_transcript`.
+
+    Returns:
+        ``{normalised relative path: text}``.
+
+    Raises:
+        ManifestError: a line without a tab, an empty path or transcript, a transcript holding ``|``, a path given
+            twice (file and line named), text that is not UTF-8.
+    """
+    from xlsr.finetune.labels import WORD_BOUNDARY, normalize_transcript
+
+    path = os.fspath(path)
+    table: dict[str, str] = {}
+    first_line: dict[str, int] = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.rstrip("\r\n") for line in f]
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"{path}: not UTF-8 text ({err})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        rel_path, tab, text = line.partition("\t")
+        if not tab or not rel_path.strip():
+            raise ManifestError(f"{path}:{number}: expected 'relative_path<TAB>transcript', found {line!r}")
+        key = os.path.normpath(rel_path.strip())
+        text = normalize_transcript(text, keep_case=keep_case)
+        if not text:
+            raise ManifestError(f"{path}:{number}: empty transcript for {rel_path!r}")
+        if WORD_BOUNDARY in text:
+            raise ManifestError(f"{path}:{number}: the transcript holds {WORD_BOUNDARY!r}, the word-boundary letter")
+        if key in table:
+            raise ManifestError(f"{path}:{number}: {rel_path!r} already has a transcript on line {first_line[key]}")
+        table[key] = text
+        first_line[key] = number
+    return table
 
 
 def find_audio_files(
@@ -156,8 +226,16 @@ def write_manifest(
     path_must_contain: Optional[str] = None,
     num_workers: int = 8,
     progress: bool = True,
+    transcripts: Optional[Mapping[str, str]] = None,
+    drop_missing_transcripts: bool = False,
 ) -> ManifestSummary:
     """Write ``dest/train.tsv`` and ``dest/valid.tsv`` for the audio files under ``root``.
+
+    With ``transcripts`` (``{path relative to root: text}``, e.g. from :func:`read_transcript_table`) also
+    ``{train,valid}.wrd`` and ``.ltr`` in manifest row order and ``dict.ltr.txt`` from the train transcripts
+    (fairseq's fine-tuning layout). A readable file without a transcript raises :class:`MissingTranscriptsError`
+    before anything is written, or with ``drop_missing_transcripts`` is left out (``summary.no_transcript``);
+    files are drawn into valid as without transcripts, so the split of the others does not change.
 
     Sizes come from file headers only. Each file goes to valid with probability
     ``valid_percent`` (a fraction in [0, 1], as in fairseq), drawn from ``random.Random(seed)``
@@ -175,6 +253,12 @@ def write_manifest(
 
     paths = find_audio_files(root, extensions, path_must_contain)
     summary = ManifestSummary(root=root)
+    if transcripts is not None:
+        transcripts = {
+            os.path.normpath(os.path.relpath(key, root) if os.path.isabs(key) else key): " ".join(text.split())
+            for key, text in transcripts.items()
+        }
+        used: set[str] = set()
     rng = random.Random(seed)
     train_rows: list[tuple[str, int]] = []
     valid_rows: list[tuple[str, int]] = []
@@ -193,6 +277,14 @@ def write_manifest(
         if "\t" in rel_path or "\n" in rel_path or "\r" in rel_path:
             summary.bad_files.append((path, "path contains a tab or newline, which the manifest format cannot hold"))
             continue
+        if transcripts is not None:
+            key = os.path.normpath(rel_path)
+            if key not in transcripts:
+                summary.no_transcript.append(path)
+                continue
+            if not transcripts[key]:
+                raise ValueError(f"{path}: empty transcript")
+            used.add(key)
         summary.sample_rates[rate] += 1
         summary.channels[channels] += 1
         if valid_percent > 0 and draw < valid_percent:
@@ -204,9 +296,37 @@ def write_manifest(
             summary.num_train += 1
             summary.train_samples += frames
 
+    if transcripts is not None:
+        if summary.no_transcript and not drop_missing_transcripts:
+            raise MissingTranscriptsError(summary.no_transcript)
+        summary.unused_transcripts = len(transcripts) - len(used)
+        _write_transcripts(dest, transcripts, train_rows, valid_rows, summary)
     write_manifest_file(os.path.join(dest, "train.tsv"), root, train_rows)
     write_manifest_file(os.path.join(dest, "valid.tsv"), root, valid_rows)
     return summary
+
+
+def _write_transcripts(
+    dest: str,
+    transcripts: Mapping[str, str],
+    train_rows: Sequence[tuple[str, int]],
+    valid_rows: Sequence[tuple[str, int]],
+    summary: ManifestSummary,
+) -> None:
+    """``{train,valid}.{wrd,ltr}`` in row order and ``dict.ltr.txt`` of the train letters."""
+    from xlsr.finetune.labels import Dictionary, words_to_letters
+
+    letters: dict[str, list[str]] = {}
+    for split, rows in (("train", train_rows), ("valid", valid_rows)):
+        words = [transcripts[os.path.normpath(rel_path)] for rel_path, _ in rows]
+        letters[split] = [words_to_letters(text) for text in words]
+        write_text_atomic(os.path.join(dest, f"{split}.wrd"), "".join(line + "\n" for line in words))
+        write_text_atomic(os.path.join(dest, f"{split}.ltr"), "".join(line + "\n" for line in letters[split]))
+    dictionary = Dictionary.from_transcripts(letters["train"])
+    dictionary.save(os.path.join(dest, "dict.ltr.txt"))
+    summary.dictionary_size = len(dictionary)
+    valid_letters = {sym for line in letters["valid"] for sym in line.split()}
+    summary.valid_unknown_letters = sorted(valid_letters - set(dictionary.symbols))
 
 
 def write_manifest_file(path: str | os.PathLike, root: str, rows: Iterable[tuple[str, int]]) -> None:
@@ -237,6 +357,18 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42, help="seed of the train/valid split")
     parser.add_argument("--path-must-contain", default=None, help="keep only paths containing this text")
     parser.add_argument("--workers", type=int, default=8, help="threads reading headers")
+    parser.add_argument(
+        "--transcripts",
+        metavar="TABLE",
+        default=None,
+        help="relative/path<TAB>text table: also write train/valid .wrd and .ltr, and dict.ltr.txt (CTC fine-tuning)",
+    )
+    parser.add_argument("--keep-case", action="store_true", help="with --transcripts: do not upper-case the text")
+    parser.add_argument(
+        "--drop-missing-transcripts",
+        action="store_true",
+        help="with --transcripts: leave audio without a transcript out of the manifests instead of failing",
+    )
     return parser.parse_args(argv)
 
 
@@ -245,6 +377,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parse_args(argv)
     extensions = [ext.strip() for ext in args.ext.split(",") if ext.strip()]
     try:
+        transcripts = None
+        if args.transcripts is not None:
+            transcripts = read_transcript_table(args.transcripts, keep_case=args.keep_case)
+        elif args.keep_case or args.drop_missing_transcripts:
+            raise ValueError("--keep-case and --drop-missing-transcripts need --transcripts")
         summary = write_manifest(
             args.root,
             args.dest,
@@ -253,6 +390,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             seed=args.seed,
             path_must_contain=args.path_must_contain,
             num_workers=args.workers,
+            transcripts=transcripts,
+            drop_missing_transcripts=args.drop_missing_transcripts,
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -266,6 +405,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         f"{os.path.join(args.dest, 'valid.tsv')} ({summary.num_valid} files), about {hours:.2f} h; "
         f"left out {len(summary.bad_files)} unreadable file(s)"
     )
+    if transcripts is not None:
+        for path in summary.no_transcript:
+            print(f"left out {path}: no transcript", file=sys.stderr)
+        print(
+            f"wrote train/valid .wrd and .ltr and {os.path.join(args.dest, 'dict.ltr.txt')} "
+            f"({summary.dictionary_size} symbols with the 4 specials); left out {len(summary.no_transcript)} file(s) "
+            f"without a transcript"
+        )
+        if summary.unused_transcripts:
+            print(f"warning: {summary.unused_transcripts} transcript(s) match no manifest file", file=sys.stderr)
+        if summary.valid_unknown_letters:
+            print(
+                f"warning: valid.ltr holds letters missing from dict.ltr.txt (train): "
+                f"{' '.join(summary.valid_unknown_letters)}",
+                file=sys.stderr,
+            )
     if len(summary.sample_rates) > 1:
         print(f"warning: mixed sample rates (Hz: files): {dict(summary.sample_rates)}", file=sys.stderr)
     if summary.channels.keys() - {1}:

@@ -150,6 +150,37 @@ class Wav2Vec2Model(nn.Module):
         x, layer_results = self.encoder(x, frame_padding, layer=layer)
         return FeatureOutput(x=x, layer_results=layer_results, padding_mask=frame_padding, features=features)
 
+    def extract_features_masked(
+        self,
+        source: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        mask_indices: torch.Tensor | None = None,
+        layer_keep: list[bool] | None = None,
+    ) -> FeatureOutput:
+        """``extract_features`` with the fine-tuning masks (fairseq's ``extract_features(..., mask=True)``).
+
+        Time spans (``cfg.mask_prob`` > 0, or the given ``mask_indices`` (B, T) bool) become ``mask_embedding``,
+        channel spans (``cfg.mask_channel_prob`` > 0) become 0; with neither, the same as ``extract_features``.
+        layer_keep: LayerDrop decisions (default: drawn by the encoder when training).
+        """
+        self._check_source(source, padding_mask)
+        features, x = self.feature_projection(self._conv_features(source))
+        frame_padding = self.frame_padding_mask(padding_mask, features.shape[1])
+        features = self.dropout_features(features)
+        x = self.dropout_input(x)
+        if mask_indices is not None or self.cfg.mask_prob > 0:
+            x, _ = self._mask(x, frame_padding, mask_indices)
+        elif self.cfg.mask_channel_prob > 0:  # channel masks only (_mask needs masked frames)
+            batch, _, dim = x.shape
+            channel_mask = compute_channel_mask(
+                batch, dim, self.cfg.mask_channel_prob, self.cfg.mask_channel_length,
+                self.cfg.no_mask_channel_overlap, self.cfg.mask_channel_min_space,
+            )
+            no_frames = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+            x = apply_masks(x, no_frames, self.mask_embedding, channel_mask, self.cfg.mask_channel_before)
+        x, layer_results = self.encoder(x, frame_padding, layer_keep=layer_keep)
+        return FeatureOutput(x=x, layer_results=layer_results, padding_mask=frame_padding, features=features)
+
     # ------------------------------------------------------------------ pretraining forward
     def forward(
         self,

@@ -2,7 +2,8 @@
 
 This module holds format detection and ``load_pretrained``, which maps keys onto our modules and loads strictly: a
 missing or unexpected key, or a shape mismatch, is an error that names it. One module per format: ``native``,
-``fairseq``, ``huggingface``, and ``training`` (the ``.pt`` files ``python -m xlsr.pretrain`` writes); the shared
+``fairseq``, ``huggingface``, and ``training`` (the ``.pt`` files ``python -m xlsr.pretrain`` writes), plus ``ctc``
+(fine-tuned CTC models of all three formats, for ``xlsr.Wav2Vec2ForCTC``); the shared
 pieces: ``errors`` (CheckpointError), ``safe_loading`` (``safe_torch_load``), ``files`` (JSON and safetensors
 reading), ``keymap`` (renaming state-dict keys).
 """
@@ -25,7 +26,8 @@ __all__ = ["CheckpointError", "safe_torch_load", "detect_format", "read_checkpoi
 
 
 def detect_format(path: str | Path) -> str:
-    """'native' or 'huggingface' (directories), 'fairseq' (a ``.pt`` file: fairseq's or our training checkpoint)."""
+    """'native', 'native_ctc' (our Wav2Vec2ForCTC) or 'huggingface' (directories), 'fairseq' (a ``.pt`` file:
+    fairseq's or our training checkpoint)."""
     path = Path(path)
     if path.is_dir():
         config_file = path / "config.json"
@@ -34,6 +36,8 @@ def detect_format(path: str | Path) -> str:
         model_type = read_json_object(config_file).get("model_type")
         if model_type == "xlsr-wav2vec2":
             return "native"
+        if model_type == "xlsr-wav2vec2-ctc":
+            return "native_ctc"
         if model_type == "wav2vec2":
             return "huggingface"
         raise CheckpointError(f"{config_file}: model_type {model_type!r} is not a wav2vec 2.0 model")
@@ -49,6 +53,8 @@ def read_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[Wav2Ve
         from xlsr.checkpoints.native import read_native
 
         return read_native(path)
+    if fmt == "native_ctc":
+        raise CheckpointError(f"{path}: a fine-tuned CTC model: load it with xlsr.Wav2Vec2ForCTC.from_pretrained")
     if fmt == "huggingface":
         from xlsr.checkpoints.huggingface import read_huggingface
 

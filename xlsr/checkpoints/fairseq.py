@@ -97,7 +97,8 @@ def config_from_fairseq(model_cfg: dict[str, Any], task_cfg: dict[str, Any]) -> 
     if name is not None and not str(name).startswith("wav2vec2"):
         raise CheckpointError(
             f"this is a {name!r} checkpoint, not a wav2vec 2.0 / XLS-R pretraining checkpoint"
-            + (" (a fine-tuned model; load its pretrained base instead)" if "ctc" in str(name) or "seq2seq" in str(name) else "")
+            + (" (a fine-tuned CTC model: load it with xlsr.Wav2Vec2ForCTC.from_pretrained)" if "ctc" in str(name)
+               else " (a fine-tuned model; load its pretrained base instead)" if "seq2seq" in str(name) else "")
         )
     known = {f.name for f in dataclasses.fields(Wav2Vec2Config)}
     values: dict[str, Any] = {}

@@ -93,7 +93,7 @@ HF_KEY_MAP = [
 _HEAD_PREFIXES = ("quantizer.", "project_hid.", "project_q.")
 # modules of other HF wav2vec 2.0 classes that we do not implement, with what they are (for the error message)
 _FOREIGN_MODULES = [
-    (re.compile(r"^lm_head\."), "the CTC head of a fine-tuned Wav2Vec2ForCTC model"),
+    (re.compile(r"^lm_head\."), "the CTC head of a fine-tuned Wav2Vec2ForCTC model: load it with xlsr.Wav2Vec2ForCTC"),
     (re.compile(r"^(projector|classifier|layer_weights)\b"), "a sequence/frame classification head"),
     (re.compile(r"^(tdnn|objective|feature_extractor\.|classifier)\b"), "an x-vector head"),
     (re.compile(r"^wav2vec2\.adapter\."), "an output adapter (add_adapter=True)"),

@@ -51,7 +51,7 @@ def layer_norm_rows(norm, x: torch.Tensor) -> torch.Tensor:
     weight = norm.weight.float() if norm.weight is not None else None
     bias = norm.bias.float() if norm.bias is not None else None
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad)
-    if x.device.type != "cpu" or x.dtype == torch.float32 or needs_grad:
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float16) or needs_grad:
         return F.layer_norm(x.float(), norm.normalized_shape, weight, bias, norm.eps).type_as(x)
     return F.layer_norm(x, norm.normalized_shape, weight, bias, norm.eps)
 

@@ -227,19 +227,23 @@ def register_configs() -> None:
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
-def compose_config(overrides: list[str] | None = None) -> PretrainConfig:
-    """The config ``python -m xlsr.pretrain`` would use with these command-line overrides (for scripts and tests)."""
+def compose_app_config(config_name: str, schema: type, overrides: list[str] | None = None) -> Any:
+    """The typed config a hydra app of ``xlsr/conf/<config_name>.yaml`` would use with these overrides."""
     from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf
 
-    register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = compose(config_name="pretrain", overrides=list(overrides or []), return_hydra_config=True)
-        from hydra.core.hydra_config import HydraConfig
-
+        cfg = compose(config_name=config_name, overrides=list(overrides or []), return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)
         output_dir = cfg.output_dir  # resolves ${hydra:...}
         values = OmegaConf.to_container(cfg, resolve=False)
     values.pop("hydra")
     values["output_dir"] = output_dir
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(PretrainConfig), values))
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
+
+
+def compose_config(overrides: list[str] | None = None) -> PretrainConfig:
+    """The config ``python -m xlsr.pretrain`` would use with these command-line overrides (for scripts and tests)."""
+    register_configs()
+    return compose_app_config("pretrain", PretrainConfig, overrides)

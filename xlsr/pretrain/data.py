@@ -230,12 +230,13 @@ class AudioDataset(Dataset):
         paths: list[str] = []
         sizes: list[int] = []
         corpus: list[int] = []
+        rows: list[int] = []  # line of each kept file among its manifest's entries (0 = first after the root)
         for corpus_id, manifest in enumerate(self.manifests):
             root, entries = read_manifest(manifest)
             too_short: list[tuple[str, str]] = []
             missing: list[tuple[str, str]] = []
             kept = 0
-            for rel_path, num_samples in entries:
+            for row, (rel_path, num_samples) in enumerate(entries):
                 path = os.path.join(root, rel_path)
                 if num_samples < min_sample_size and not (resample and check_headers):  # else: at the header's rate
                     too_short.append((path, f"too short ({num_samples} samples < min_sample_size {min_sample_size})"))
@@ -245,6 +246,7 @@ class AudioDataset(Dataset):
                     paths.append(path)
                     sizes.append(num_samples)
                     corpus.append(corpus_id)
+                    rows.append(row)
                     kept += 1
             if missing and not skip_bad:
                 raise BadFilesError(manifest, missing)
@@ -267,6 +269,7 @@ class AudioDataset(Dataset):
         self._paths = _StringTable(paths)
         self._num_samples = np.asarray(sizes, dtype=np.int64)  # header length of each file
         self._corpus = np.asarray(corpus, dtype=np.int32)
+        self._row = np.asarray(rows, dtype=np.int64)
         if check_headers:
             self.validate()  # also calls set_epoch
         else:
@@ -308,6 +311,11 @@ class AudioDataset(Dataset):
     def corpus_of(self, indices: np.ndarray | Sequence[int]) -> np.ndarray:
         """Corpus number (position in ``manifests``) of dataset indices of this epoch."""
         return self._corpus[self._index[np.asarray(indices, dtype=np.int64)]]
+
+    def manifest_row_of(self, indices: np.ndarray | Sequence[int]) -> np.ndarray:
+        """Row of dataset indices of this epoch in their corpus's manifest (0 = the first entry after the root
+        line), counting dropped entries too: the line number of their transcript in a label file beside it."""
+        return self._row[self._index[np.asarray(indices, dtype=np.int64)]]
 
     def path(self, i: int) -> str:
         """File path of item ``i`` of this epoch."""
@@ -359,6 +367,7 @@ class AudioDataset(Dataset):
         if len(keep) < num_files:
             self._paths = self._paths.subset(keep)
             self._corpus = self._corpus[keep]
+            self._row = self._row[keep]
         self._num_samples = new_sizes[keep]
         self.set_epoch(self.epoch)
         return bad

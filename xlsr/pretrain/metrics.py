@@ -137,14 +137,12 @@ class MetricsLog:
                 if isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.writer.add_scalar(f"{split}/{key}", value, num_updates)
         if split == "valid":
-            logger.info("valid @ %d: loss %.3f bits, accuracy %.3f, code ppl %.1f", num_updates, record["loss"],
-                        record["accuracy"], record["code_perplexity"])
+            logger.info("valid @ %d: %s", num_updates, _summary(record))
         elif split == "epoch":
             skipped = record.get("skipped_files", 0)
-            logger.info("end of epoch %d%s at update %d (%d updates, %d batches, %.0f s of audio): loss %.3f bits, "
-                        "accuracy %.3f, code ppl %.1f%s", record["epoch"], "" if record["complete"] else " (stopped)",
-                        num_updates, record["updates"], record["num_batches"], record["audio_seconds"],
-                        record["loss"], record["accuracy"], record["code_perplexity"],
+            logger.info("end of epoch %d%s at update %d (%d updates, %d batches, %.0f s of audio): %s%s",
+                        record["epoch"], "" if record["complete"] else " (stopped)", num_updates, record["updates"],
+                        record["num_batches"], record["audio_seconds"], _summary(record),
                         f"; {skipped} unreadable files skipped" if skipped else "")
 
     def check_health(self, num_updates: int, record: dict[str, Any], num_codevectors: int,
@@ -166,3 +164,12 @@ class MetricsLog:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+_SUMMARY = (("loss", "loss %.3f bits"), ("accuracy", "accuracy %.3f"), ("code_perplexity", "code ppl %.1f"),
+            ("wer", "WER %.2f %%"), ("cer", "CER %.2f %%"))
+
+
+def _summary(record: dict[str, Any]) -> str:
+    """The headline values of a record that has them, for the log."""
+    return ", ".join(text % record[key] for key, text in _SUMMARY if key in record)

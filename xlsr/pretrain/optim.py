@@ -2,7 +2,8 @@
 inside the backward pass.
 
 - ``build_optimizer``: AdamW with decoupled weight decay (fairseq's ``adam`` with ``weight_decay``).
-- ``polynomial_decay_lr``: fairseq's ``polynomial_decay`` schedule (linear warm-up, then polynomial decay).
+- ``polynomial_decay_lr``: fairseq's ``polynomial_decay`` schedule (linear warm-up, then polynomial decay), pretraining.
+- ``tri_stage_lr``: fairseq's ``tri_stage`` schedule (warm-up, hold, exponential decay), fine-tuning.
 - ``optimizer_step``: gradients summed over micro-batches and ranks -> divided by the number of masked frames ->
   clipped -> AdamW step (with the fp16 loss scaler) -> zeroed.
 - ``StepInBackward`` (``optim.step_in_backward=true``): the same update, one parameter at a time during backward.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
 import sys
 from typing import Any, Iterable
 
@@ -52,6 +54,26 @@ def polynomial_decay_lr(num_updates: int, cfg) -> float:
         return cfg.end_lr
     remaining = 1 - (num_updates - cfg.warmup_updates) / (cfg.max_update - cfg.warmup_updates)
     return (cfg.lr - cfg.end_lr) * remaining**cfg.power + cfg.end_lr
+
+
+def tri_stage_lr(num_updates: int, cfg) -> float:
+    """fairseq's tri_stage schedule at ``num_updates`` updates done (fairseq sets the LR after each update, so update
+    n runs with ``tri_stage_lr(n - 1)``). cfg: ``lr``, ``max_update``, ``phase_ratio`` (warm-up, hold, decay
+    fractions of max_update), ``init_lr_scale``, ``final_lr_scale``.
+
+    Linear from init_lr_scale * lr to lr, hold lr, then exponential decay to final_lr_scale * lr, and hold that.
+    """
+    warmup, hold, decay = (int(ratio * cfg.max_update) for ratio in cfg.phase_ratio)
+    peak, initial, final = cfg.lr, cfg.init_lr_scale * cfg.lr, cfg.final_lr_scale * cfg.lr
+    if num_updates < warmup:
+        return initial + (peak - initial) / warmup * num_updates
+    num_updates -= warmup
+    if num_updates < hold:
+        return peak
+    num_updates -= hold
+    if num_updates <= decay:
+        return peak * math.exp(math.log(cfg.final_lr_scale) / max(decay, 1) * num_updates)
+    return final
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -381,7 +381,9 @@ class Trainer:
         """A batch for a rank that has none (run at zero weight): the first it trained, else seeded noise."""
         if self._dummy_batch is None:
             data = self.cfg.data
-            length = min(max(data.min_sample_size, 16000), data.max_sample_size)
+            length = max(data.min_sample_size, 16000)
+            if data.max_sample_size:
+                length = min(length, data.max_sample_size)
             noise = torch.randn(1, length, generator=torch.Generator().manual_seed(0))
             self._dummy_batch = {"id": torch.zeros(1, dtype=torch.long), "source": noise, "padding_mask": None}
         return self._dummy_batch

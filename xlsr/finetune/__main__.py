@@ -1,0 +1,32 @@
+"""``python -m xlsr.finetune model.init_from=CKPT data.manifest=train.tsv [key=value ...]``: CTC fine-tuning.
+
+Labels beside each manifest (``train.ltr`` or ``train.wrd``, fairseq's layout), ``dict.ltr.txt`` beside the training
+manifest (built from its transcripts when absent). Several GPUs / nodes: ``torchrun ... -m xlsr.finetune ...``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from xlsr.finetune.config import FineTuneConfig, register_configs
+from xlsr.pretrain.config import CONF_DIR
+
+register_configs()
+
+
+@hydra.main(config_path=str(CONF_DIR), config_name="finetune", version_base=None)
+def main(cfg: DictConfig) -> None:
+    from xlsr.finetune.trainer import FineTuner
+
+    config: FineTuneConfig = OmegaConf.to_object(cfg)
+    trainer = FineTuner(config)
+    if trainer.is_main:
+        logging.getLogger("xlsr.finetune").info("writing to %s", trainer.output_dir.resolve())
+    trainer.train()
+
+
+if __name__ == "__main__":
+    main()

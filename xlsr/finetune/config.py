@@ -1,0 +1,146 @@
+"""Typed configuration of ``python -m xlsr.finetune`` (hydra structured configs: a typo is an error).
+
+Defaults are fairseq's XLS-R fine-tuning recipe (``examples/wav2vec/xlsr/config/finetune.yaml``): Adam (0.9, 0.98),
+eps 1e-8, lr 3e-4, tri-stage schedule [0.1, 0.4, 0.5] with final scale 0.05, masks 0.75 x 10 in time and 0.25 x 64
+over channels, LayerDrop 0.1, activation dropout 0.1, a frozen conv stack, the encoder frozen for the first 10k
+updates, CTC with zero_infinity, 1.28M samples per batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from xlsr.pretrain.config import CheckpointConfig, DistributedConfig
+from xlsr.finetune.data import FinetuneDataConfig
+
+
+@dataclass
+class FineTuneModelConfig:
+    """Which model: a pretrained or fine-tuned checkpoint, and the fine-tuning settings of the encoder."""
+
+    init_from: str = "???"
+    """Any checkpoint ``Wav2Vec2ForCTC.from_pretrained`` reads: a pretrained one (a new head is made for the
+    dictionary) or a fine-tuned one (its head is kept and must match the dictionary)."""
+    mask_prob: float = 0.75
+    """Time masking in training: fraction of frames that start a span (fairseq ``mask_prob``)."""
+    mask_length: int = 10
+    """Span length in frames (fairseq ``mask_length``)."""
+    mask_channel_prob: float = 0.25
+    """Channel masking in training (fairseq ``mask_channel_prob``)."""
+    mask_channel_length: int = 64
+    """Channel span length (fairseq ``mask_channel_length``)."""
+    layerdrop: float = 0.1
+    """Probability of skipping each transformer layer in training (fairseq ``layerdrop``)."""
+    dropout: float = 0.0
+    """Dropout in the transformer (fairseq ``dropout``)."""
+    attention_dropout: float = 0.0
+    """Dropout of the attention weights (fairseq ``attention_dropout``)."""
+    activation_dropout: float = 0.1
+    """Dropout after the FFN activation (fairseq ``activation_dropout``)."""
+    final_dropout: float = 0.0
+    """Dropout before the output layer (fairseq ``final_dropout``)."""
+    feature_grad_mult: float = 0.0
+    """Gradient scale of the conv stack; 0 = frozen (fairseq ``feature_grad_mult``)."""
+    freeze_finetune_updates: int = 10000
+    """Updates during which only the output layer trains (fairseq ``freeze_finetune_updates``)."""
+    activation_checkpointing: bool = False
+    """Recompute each layer's activations in backward instead of keeping them."""
+    compile: bool = False
+    """``torch.compile`` each transformer layer."""
+
+
+@dataclass
+class FineTuneOptimConfig:
+    """Adam with the tri-stage learning-rate schedule (fairseq's ``tri_stage``)."""
+
+    lr: float = 3e-4
+    """Peak learning rate."""
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (the recipe uses none)."""
+    max_update: int = 20000
+    """Length of the schedule and of the run."""
+    phase_ratio: List[float] = field(default_factory=lambda: [0.1, 0.4, 0.5])
+    """Fractions of max_update for warm-up, hold and decay."""
+    init_lr_scale: float = 0.01
+    """The warm-up starts at this fraction of lr."""
+    final_lr_scale: float = 0.05
+    """The decay ends at this fraction of lr."""
+    clip_norm: float = 0.0
+    """Gradient clipping by the global norm; 0 = none."""
+    update_freq: int = 1
+    """Micro-batches per update (gradient accumulation)."""
+    fp16_init_scale: float = 128.0
+    """precision=fp16: the loss scale to start from."""
+    step_in_backward: bool = False
+    """Not available for fine-tuning (kept for the trainer's checks)."""
+
+
+def _finetune_data() -> FinetuneDataConfig:
+    return FinetuneDataConfig(max_tokens=1_280_000)  # XLS-R's finetune.yaml
+
+
+@dataclass
+class FineTuneConfig:
+    """Everything ``python -m xlsr.finetune`` takes; field names mirror ``PretrainConfig`` where they mean the same."""
+
+    model: FineTuneModelConfig = field(default_factory=FineTuneModelConfig)
+    """The checkpoint to start from and the encoder's fine-tuning settings."""
+    data: FinetuneDataConfig = field(default_factory=_finetune_data)
+    """Audio and transcripts: manifests with labels beside them, batching (whole utterances, padded)."""
+    dictionary: Optional[str] = None
+    """``dict.ltr.txt``; None = the one beside the training manifest, else built from its transcripts (and saved
+    to output_dir)."""
+    optim: FineTuneOptimConfig = field(default_factory=FineTuneOptimConfig)
+    """Optimizer and schedule."""
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Backend and timeout (ranks come from torchrun)."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving, keep-last, resume."""
+    output_dir: str = "runs/finetune"
+    """Where config.yaml, metrics.jsonl, checkpoints/ and model/ go."""
+    seed: int = 1
+    """Seed of every random choice (tied to the data, not to the process layout)."""
+    device: str = "auto"
+    """auto (cuda if available), cpu or cuda."""
+    precision: str = "fp32"
+    """fp32, bf16 (autocast) or fp16 (autocast with a loss scaler)."""
+    max_epoch: int = 0
+    """Stop after this many epochs; 0 = no limit."""
+    max_time_minutes: float = 0.0
+    """Stop cleanly with a checkpoint after this long; 0 = no limit."""
+    stop_at_update: int = 0
+    """Stop cleanly at this update without changing the schedule; 0 = no."""
+    log_interval: int = 10
+    """Updates between train lines in metrics.jsonl."""
+    validate_interval_updates: int = 0
+    """Validate every this many updates; 0 = at the end of every epoch."""
+    max_valid_batches: int = 0
+    """Validate on at most this many batches; 0 = all."""
+    valid_examples: int = 3
+    """Reference / hypothesis pairs printed at each validation."""
+    tensorboard: bool = True
+    """TensorBoard event files too, when tensorboard is installed."""
+    progress_bar: bool = True
+    """A tqdm bar on rank 0."""
+    threads: int = 0
+    """torch.set_num_threads on CPU; 0 = torch's default."""
+
+
+def register_configs() -> None:
+    """Register the schema with hydra so ``xlsr/conf/finetune.yaml`` is validated against it."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="finetune_schema", node=FineTuneConfig)
+
+
+def compose_config(overrides: list[str] | None = None) -> FineTuneConfig:
+    """The config ``python -m xlsr.finetune`` would use with these command-line overrides."""
+    from xlsr.pretrain.config import compose_app_config
+
+    register_configs()
+    return compose_app_config("finetune", FineTuneConfig, overrides)

@@ -1,0 +1,453 @@
+"""Fine-tuning data: manifest + transcripts -> whole, zero-padded utterances with padded letter targets for CTC.
+
+fairseq's ``audio_finetuning`` task (``FileAudioDataset`` with ``pad=True`` wrapped in ``AddTargetDataset``), built
+on :class:`xlsr.pretrain.data.AudioDataset` (reading, normalisation, bad files, corpus resampling) and batched by
+its :class:`~xlsr.pretrain.data.LengthBatchSampler` (length buckets of at most ``max_tokens`` padded samples, DDP
+ranks padded with empty batches, exact mid-epoch resume).
+
+Utterances are never cropped. fairseq's fine-tuning recipes leave ``max_sample_size`` unset, so its collater does
+not crop either; had it been set, fairseq would randomly crop the audio of a longer item and keep its whole
+transcript. Here an item longer than ``max_sample_size`` or than ``max_tokens`` is dropped instead, with a warning
+(fairseq stops with "exceeds max_tokens" in training). Sizes are the manifest's (the headers' when headers are
+checked): keep manifests up to date, since a file longer than its manifest row is cut to the row's length.
+
+Batch layout (:func:`collate_ctc`): ``{"id": (B,) int64, "source": (B, S) float32, "padding_mask": (B, S) bool
+(True = padding) or None when no item is padded, "target": (B, L) int64 padded with ``pad_index``,
+"target_lengths": (B,) int64}``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from xlsr.audio import AudioWarning
+from xlsr.finetune.labels import Dictionary, dictionary_path, label_path, read_labels
+from xlsr.modules.feature_encoder import conv_output_length
+from xlsr.pretrain.data import AudioDataset, LengthBatchSampler, collate, set_loader_epoch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FinetuneDataConfig",
+    "LabelledAudioDataset",
+    "check_finetune_data_config",
+    "collate_ctc",
+    "ctc_min_frames",
+    "ctc_feasible",
+    "frames_of",
+    "build_finetune_dataloader",
+    "set_loader_epoch",
+]
+
+_PATHS_SHOWN = 5  # paths named in one summary warning
+
+
+@dataclass
+class FinetuneDataConfig:
+    """Data options of CTC fine-tuning (fairseq ``task`` = audio_finetuning / ``dataset``), simple types only.
+
+    Defaults follow fairseq's ``examples/wav2vec/config/finetuning/base_100h.yaml``.
+    """
+
+    manifest: str = "???"
+    """train.tsv path (comma-separated: several corpora); labels and ``dict.ltr.txt`` lie beside it."""
+
+    valid_manifest: Optional[str] = None
+    """valid.tsv path (its labels beside it); None = no validation."""
+
+    labels: str = "ltr"
+    """Label file extension: ``ltr`` (letters) or ``wrd`` (words, turned into letters). fairseq ``task.labels``."""
+
+    sample_rate: int = 16000
+    """Sample rate (Hz) the audio must have (or is resampled to, with ``resample``)."""
+
+    min_sample_size: int = 0
+    """Shorter files are dropped. fairseq ``task.min_sample_size`` (0 in the recipes)."""
+
+    max_sample_size: Optional[int] = None
+    """Longer files are dropped (never cropped: see the module docstring); None = no limit but ``max_tokens``."""
+
+    max_tokens: int = 3_200_000
+    """Padded samples per batch (items * longest item). fairseq ``dataset.max_tokens`` (base_100h: 3.2M)."""
+
+    normalize: Optional[bool] = None
+    """Per-utterance zero-mean unit-variance normalisation; None = what the model was pretrained with."""
+
+    sampling_alpha: float = 1.0
+    """Corpus resampling exponent with several corpora (training only); 1.0 = natural shares."""
+
+    num_workers: int = 2
+    """DataLoader workers per rank. fairseq ``dataset.num_workers``."""
+
+    skip_bad: bool = True
+    """True: skip unreadable files; False: check headers first, then fail listing them."""
+
+    resample: bool = False
+    """Resample other sample rates with soxr instead of failing."""
+
+    required_batch_size_multiple: int = 1
+    """Batch sizes rounded down to a multiple of this where possible.
+    fairseq ``dataset.required_batch_size_multiple``."""
+
+    unk: bool = False
+    """Map transcript characters missing from the dictionary to ``<unk>`` (fairseq does, silently) instead of
+    failing."""
+
+    skip_empty: bool = False
+    """Drop rows with an empty transcript (with a warning) instead of failing."""
+
+    drop_infeasible: bool = False
+    """Drop items too short for their transcript under CTC (see :func:`ctc_feasible`) instead of only counting
+    them in a warning. fairseq keeps them (``zero_infinity`` makes their loss 0)."""
+
+
+def check_finetune_data_config(cfg) -> None:
+    """Raise ValueError for out-of-range sizes or options."""
+    if cfg.labels not in ("ltr", "wrd"):
+        raise ValueError(f"data: labels must be 'ltr' or 'wrd', got {cfg.labels!r}")
+    if cfg.max_tokens <= 0:
+        raise ValueError("data: max_tokens must be > 0")
+    if cfg.min_sample_size < 0:
+        raise ValueError("data: min_sample_size must be >= 0")
+    if cfg.max_sample_size is not None and cfg.max_sample_size < max(1, cfg.min_sample_size):
+        raise ValueError(
+            f"data: max_sample_size ({cfg.max_sample_size}) must be >= 1 and >= min_sample_size ({cfg.min_sample_size})"
+        )
+    if cfg.sampling_alpha <= 0:
+        raise ValueError(f"data: sampling_alpha must be > 0, got {cfg.sampling_alpha}")
+    if cfg.required_batch_size_multiple < 1:
+        raise ValueError("data: required_batch_size_multiple must be >= 1")
+    if cfg.sample_rate <= 0:
+        raise ValueError("data: sample_rate must be > 0")
+
+
+# ---------------------------------------------------------------------- CTC feasibility
+
+
+def ctc_min_frames(target: Sequence[int] | torch.Tensor | np.ndarray) -> int:
+    """Fewest frames CTC needs for ``target``: its length plus one blank between each pair of equal neighbours."""
+    t = np.asarray(target.cpu() if isinstance(target, torch.Tensor) else target).reshape(-1)
+    return int(len(t) + np.count_nonzero(t[1:] == t[:-1]))
+
+
+def ctc_feasible(num_frames: int, target: Sequence[int] | torch.Tensor | np.ndarray) -> bool:
+    """Whether ``num_frames`` output frames can emit ``target`` under CTC (else its loss is infinite: fairseq's
+    ``zero_infinity`` turns it into 0)."""
+    return int(num_frames) >= ctc_min_frames(target)
+
+
+class frames_of:
+    """Samples -> encoder frames for a conv stack ``[(dim, kernel, stride), ...]`` (``Wav2Vec2Config.conv_layers``),
+    on integers or integer numpy arrays, for the ``num_frames`` argument of :class:`LabelledAudioDataset`
+    (a class, not a closure, so that it pickles to DataLoader workers)."""
+
+    def __init__(self, conv_layers: Sequence[Sequence[int]]):
+        self.conv_layers = [tuple(int(v) for v in layer) for layer in conv_layers]
+
+    def __call__(self, num_samples):
+        return np.maximum(conv_output_length(np.asarray(num_samples, dtype=np.int64), self.conv_layers), 0)
+
+
+# ---------------------------------------------------------------------- dataset
+
+
+class LabelledAudioDataset(Dataset):
+    """Utterances of fairseq manifests with their letter transcripts, for CTC.
+
+    Wraps an :class:`AudioDataset` (``audio``) built with the same options, without cropping; the transcript of
+    each item is found by its manifest row (``AudioDataset.manifest_row_of``) in the label file beside its
+    manifest (:func:`~xlsr.finetune.labels.read_labels`). Every transcript is encoded at construction, so an
+    unknown character stops here naming the label file and line (or maps to ``<unk>`` with ``unk``).
+
+    Items are left out (each reason counted in one warning naming the first few files, all kept in ``dropped``)
+    when: longer than ``max_sample_size``; the transcript is empty and ``skip_empty``; and, given ``num_frames``
+    (samples -> encoder frames, e.g. :func:`frames_of`) and ``drop_infeasible``, too short for their transcript
+    under CTC. With ``num_frames`` but not ``drop_infeasible``, those are only counted (``infeasible``) and warned
+    about. Indices ``i`` are positions in the current epoch; ``__getitem__(i)`` returns ``{"id": i, "source":
+    float32 (S,), "target": int64 (L,)}``, or None for an unreadable file when ``skip_bad``.
+    """
+
+    def __init__(
+        self,
+        manifests: str | Sequence[str],
+        dictionary: Dictionary,
+        *,
+        labels: str = "ltr",
+        sample_rate: int = 16000,
+        min_sample_size: int = 0,
+        max_sample_size: Optional[int] = None,
+        normalize: bool = False,
+        sampling_alpha: float = 1.0,
+        skip_bad: bool = True,
+        resample: bool = False,
+        check_headers: bool = False,
+        unk: bool = False,
+        skip_empty: bool = False,
+        num_frames: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+        drop_infeasible: bool = False,
+        seed: int = 0,
+        epoch: int = 0,
+    ):
+        self.audio = AudioDataset(
+            manifests,
+            sample_rate=sample_rate,
+            min_sample_size=min_sample_size,
+            max_sample_size=None,  # never crop: sizes stay the whole files
+            pad=True,
+            normalize=normalize,
+            sampling_alpha=sampling_alpha,
+            skip_bad=skip_bad,
+            resample=resample,
+            check_headers=check_headers,
+            seed=seed,
+            epoch=epoch,
+        )
+        self.dictionary = dictionary
+        self.pad_index = dictionary.pad_index
+        self.labels = labels
+        self.max_sample_size = max_sample_size
+        self.num_frames = num_frames
+        self.drop_infeasible = drop_infeasible
+        self.dropped: list[tuple[str, str]] = []  # (path, reason) of items left out here (not by AudioDataset)
+
+        # All transcripts, encoded, as one flat array: global row g = _row_offset[corpus] + manifest row.
+        flat: list[int] = []
+        offsets = [0]
+        has_label: list[bool] = []
+        min_frames: list[int] = []
+        self._row_offset = np.zeros(len(self.audio.manifests), dtype=np.int64)
+        for corpus_id, manifest in enumerate(self.audio.manifests):
+            self._row_offset[corpus_id] = len(has_label)
+            path = label_path(manifest, labels)
+            for number, tokens in enumerate(read_labels(manifest, labels, skip_empty=skip_empty), start=1):
+                ids = [] if tokens is None else dictionary.encode(tokens, where=f"{path}:{number}", unk=unk)
+                flat.extend(ids)
+                offsets.append(len(flat))
+                has_label.append(tokens is not None)
+                min_frames.append(ctc_min_frames(ids))
+        self._targets = np.asarray(flat, dtype=np.int32)
+        self._target_offsets = np.asarray(offsets, dtype=np.int64)
+        self._has_label = np.asarray(has_label, dtype=bool)
+        self._min_frames = np.asarray(min_frames, dtype=np.int64)
+
+        self.infeasible: list[tuple[str, int, int]] = []  # (path, frames, frames needed), found at construction
+        self._select(warn=True)
+
+    # ----------------------------------------------------------------- selection
+
+    def _rows(self) -> np.ndarray:
+        positions = np.arange(len(self.audio), dtype=np.int64)
+        return self._row_offset[self.audio.corpus_of(positions)] + self.audio.manifest_row_of(positions)
+
+    def _select(self, warn: bool) -> None:
+        rows = self._rows()
+        sizes = np.asarray(self.audio.sizes, dtype=np.int64)
+        keep = self._has_label[rows].copy()
+        too_long = np.zeros(len(rows), dtype=bool)
+        if self.max_sample_size is not None:
+            too_long = sizes > self.max_sample_size
+            keep &= ~too_long
+        infeasible = np.zeros(len(rows), dtype=bool)
+        if self.num_frames is not None:
+            frames = np.asarray(self.num_frames(sizes), dtype=np.int64)
+            infeasible = keep & (frames < self._min_frames[rows])
+            if self.drop_infeasible:
+                keep &= ~infeasible
+        if warn:
+            self._report(rows, sizes, too_long, infeasible)
+        self._keep = np.flatnonzero(keep)
+        self._item_rows = rows[self._keep]
+        self.sizes = sizes[self._keep]
+        if len(self._keep) == 0:
+            raise ValueError(f"{', '.join(self.audio.manifests)}: no item left with a usable transcript")
+
+    def _report(self, rows: np.ndarray, sizes: np.ndarray, too_long: np.ndarray, infeasible: np.ndarray) -> None:
+        _, first = np.unique(rows, return_index=True)  # each file once, even if a corpus is upsampled
+        unique = np.zeros(len(rows), dtype=bool)
+        unique[first] = True
+        empty = [self.audio.path(int(i)) for i in np.flatnonzero(unique & ~self._has_label[rows])]
+        self.dropped.extend((p, "empty transcript") for p in empty)  # read_labels warned about them
+        long_items = np.flatnonzero(unique & too_long)
+        self._drop(
+            [self.audio.path(int(i)) for i in long_items],
+            f"longer than {self.max_sample_size} samples (max_sample_size or max_tokens; fine-tuning never crops)",
+            [int(sizes[i]) for i in long_items],
+        )
+        bad = np.flatnonzero(unique & infeasible)
+        if len(bad):
+            frames = np.asarray(self.num_frames(sizes[bad]), dtype=np.int64)
+            self.infeasible = [
+                (self.audio.path(int(i)), int(f), int(self._min_frames[rows[i]])) for i, f in zip(bad, frames)
+            ]
+            shown = "; ".join(f"{p} ({f} frames, needs {n})" for p, f, n in self.infeasible[:_PATHS_SHOWN])
+            action = "dropped" if self.drop_infeasible else "kept (their CTC loss is infinite: use zero_infinity)"
+            warnings.warn(
+                f"{len(bad)} item(s) have fewer encoder frames than CTC needs for their transcript, {action}: "
+                f"{shown}{' ...' if len(bad) > _PATHS_SHOWN else ''}",
+                AudioWarning,
+                stacklevel=4,
+            )
+            if self.drop_infeasible:
+                self.dropped.extend(
+                    (p, f"too short for its transcript ({f} frames, needs {n})") for p, f, n in self.infeasible
+                )
+
+    def _drop(self, paths: list[str], reason: str, sizes: Optional[list[int]] = None) -> None:
+        if not paths:
+            return
+        details = [f"{p} ({s} samples)" for p, s in zip(paths, sizes)] if sizes else paths
+        self.dropped.extend((p, reason) for p in paths)
+        warnings.warn(
+            f"{len(paths)} item(s) left out, {reason}: {'; '.join(details[:_PATHS_SHOWN])}"
+            f"{' ...' if len(paths) > _PATHS_SHOWN else ''}",
+            AudioWarning,
+            stacklevel=5,
+        )
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select ``epoch`` (redraws corpus resampling, deterministic); ``sizes`` follow."""
+        self.audio.set_epoch(epoch)
+        self._select(warn=False)
+
+    @property
+    def epoch(self) -> int:
+        return self.audio.epoch
+
+    @property
+    def num_skipped(self) -> int:
+        """Items skipped so far because their file could not be loaded (all workers)."""
+        return self.audio.num_skipped
+
+    # ----------------------------------------------------------------- items
+
+    def __len__(self) -> int:
+        return len(self._keep)
+
+    def path(self, i: int) -> str:
+        """File path of item ``i`` of this epoch."""
+        return self.audio.path(int(self._keep[i]))
+
+    def target(self, i: int) -> torch.Tensor:
+        """Encoded transcript (L,) int64 of item ``i`` of this epoch."""
+        row = int(self._item_rows[i])
+        start, end = self._target_offsets[row], self._target_offsets[row + 1]
+        return torch.from_numpy(self._targets[start:end].astype(np.int64))
+
+    def __getitem__(self, i: int) -> Optional[dict]:
+        item = self.audio[int(self._keep[i])]
+        if item is None:
+            return None
+        return {"id": i, "source": item["source"], "target": self.target(i)}
+
+    def collater(self, samples: list[Optional[dict]]) -> Optional[dict]:
+        """:func:`collate_ctc` with this dictionary's pad index."""
+        return collate_ctc(samples, self.pad_index)
+
+
+def collate_ctc(samples: list[Optional[dict]], pad_index: int) -> Optional[dict]:
+    """Zero-pad sources to the longest (never crop) and pad targets with ``pad_index``; None items are dropped.
+
+    Returns:
+        ``{"id": (B,) int64, "source": (B, S) float32, "padding_mask": (B, S) bool (True = padding) or None when
+        no item is padded, "target": (B, L) int64, "target_lengths": (B,) int64}``, or None when no item is left.
+    """
+    samples = [s for s in samples if s is not None and s.get("source") is not None]
+    batch = collate(samples, pad=True)
+    if batch is None:
+        return None
+    if batch["padding_mask"] is not None and not bool(batch["padding_mask"].any()):
+        batch["padding_mask"] = None
+    targets = [torch.as_tensor(s["target"], dtype=torch.long) for s in samples]
+    lengths = torch.tensor([len(t) for t in targets], dtype=torch.long)
+    target = torch.full((len(targets), int(lengths.max())), pad_index, dtype=torch.long)
+    for row, t in enumerate(targets):
+        target[row, : len(t)] = t
+    batch["target"] = target
+    batch["target_lengths"] = lengths
+    return batch
+
+
+# ---------------------------------------------------------------------- loader
+
+
+def build_finetune_dataloader(
+    cfg: FinetuneDataConfig,
+    manifest: str,
+    dictionary: Dictionary | str | os.PathLike | None = None,
+    *,
+    normalize: bool,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    start_batch: int = 0,
+    shuffle: bool = True,
+    num_frames: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+) -> DataLoader:
+    """DataLoader of CTC batches over ``manifest`` (comma-separated = several corpora) for one rank.
+
+    As :func:`xlsr.pretrain.data.build_dataloader`: length-bucketed batches of at most ``cfg.max_tokens`` padded
+    samples, all ranks building the same list and rank r taking batches r, r + K, ..., a rank left without one in
+    the last round getting an empty batch (collated to None: a zero-weight pass); ``start_batch`` resumes an epoch;
+    :func:`set_loader_epoch` moves to later epochs. ``dictionary``: a :class:`Dictionary`, a path, or None for
+    ``dict.ltr.txt`` beside the (first) manifest. ``normalize`` is the model's choice, overridden by
+    ``cfg.normalize`` when set. ``num_frames`` (samples -> encoder frames, :func:`frames_of`) enables the CTC
+    feasibility check (``cfg.drop_infeasible``). Items longer than ``cfg.max_tokens`` are dropped with a warning.
+    """
+    check_finetune_data_config(cfg)
+    if dictionary is None:
+        dictionary = dictionary_path(manifest.split(",")[0].strip(), cfg.labels)
+    if not isinstance(dictionary, Dictionary):
+        dictionary = Dictionary.load(dictionary)
+    if cfg.normalize is not None and cfg.normalize != normalize:
+        logger.warning(
+            "data.normalize=%s overrides the model's normalize=%s; the model was built for the latter",
+            cfg.normalize,
+            normalize,
+        )
+    max_size = cfg.max_tokens if cfg.max_sample_size is None else min(cfg.max_sample_size, cfg.max_tokens)
+    dataset = LabelledAudioDataset(
+        manifest,
+        dictionary,
+        labels=cfg.labels,
+        sample_rate=cfg.sample_rate,
+        min_sample_size=cfg.min_sample_size,
+        max_sample_size=max_size,
+        normalize=normalize if cfg.normalize is None else cfg.normalize,
+        sampling_alpha=cfg.sampling_alpha if shuffle else 1.0,
+        skip_bad=cfg.skip_bad,
+        resample=cfg.resample,
+        check_headers=not cfg.skip_bad or cfg.resample,
+        unk=cfg.unk,
+        skip_empty=cfg.skip_empty,
+        num_frames=num_frames,
+        drop_infeasible=cfg.drop_infeasible,
+        seed=seed,
+        epoch=epoch,
+    )
+    sampler = LengthBatchSampler(
+        dataset.sizes,
+        cfg.max_tokens,
+        num_replicas=world_size,
+        rank=rank,
+        seed=seed,
+        epoch=epoch,
+        shuffle=shuffle,
+        required_batch_size_multiple=cfg.required_batch_size_multiple,
+        start=start_batch,
+    )
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=dataset.collater,
+        num_workers=cfg.num_workers,
+        pin_memory=torch.cuda.is_available(),
+    )

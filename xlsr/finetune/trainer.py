@@ -1,0 +1,228 @@
+"""The CTC fine-tuning trainer: ``xlsr.pretrain.trainer.Trainer`` with the task parts replaced.
+
+Kept from pretraining: the loop, DDP over torchrun (every batch trains; ranks without one run a zero-weight pass),
+bf16/fp16, activation checkpointing, atomic checkpoints with exact resume, ``max_time_minutes``, the progress bar,
+``metrics.jsonl`` + TensorBoard. Replaced: the model (``Wav2Vec2ForCTC`` from any checkpoint, a new head for the
+dictionary), the labelled data, the loss (CTC summed over the batch, normalised by the number of utterances, as
+fairseq's ``sentence_avg``), the tri-stage schedule, and validation (CTC loss, greedy WER and CER, a few examples).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from xlsr.checkpoints import CheckpointError
+from xlsr.ctc import CTCOutput, Wav2Vec2ForCTC
+from xlsr.finetune.config import FineTuneConfig
+from xlsr.finetune.data import build_finetune_dataloader, frames_of
+from xlsr.finetune.labels import Dictionary, dictionary_path, letters_to_words, read_labels
+from xlsr.finetune.wer import error_counts
+from xlsr.model import Wav2Vec2Model
+from xlsr.pretrain.optim import tri_stage_lr
+from xlsr.pretrain.trainer import Trainer
+
+logger = logging.getLogger("xlsr.finetune")
+
+LOG2 = math.log(2)
+
+
+@dataclass
+class CTCLoss:
+    """One batch's CTC loss as the trainer needs it."""
+
+    total: torch.Tensor  # () summed over the batch (nats)
+    sample_size: int  # utterances (fairseq's sentence_avg)
+    ntokens: int  # target letters
+    infeasible: int  # utterances whose loss was infinite (targets longer than the audio allows), zeroed
+
+
+class CTCTotals:
+    """Sums of what one update, an epoch or a validation pass logs (the interface of ``StepTotals``)."""
+
+    KEYS = ("loss", "sample_size", "ntokens", "infeasible", "num_batches", "audio_seconds", "word_edits",
+            "words", "char_edits", "chars")
+
+    def __init__(self) -> None:
+        self.values = dict.fromkeys(self.KEYS, 0.0)
+
+    def add(self, loss: CTCLoss, out, audio_seconds: float) -> None:
+        v = self.values
+        v["loss"] += float(loss.total.detach())
+        v["sample_size"] += loss.sample_size
+        v["ntokens"] += loss.ntokens
+        v["infeasible"] += loss.infeasible
+        v["num_batches"] += 1
+        v["audio_seconds"] += audio_seconds
+
+    def add_errors(self, word: tuple[int, int], char: tuple[int, int]) -> None:
+        v = self.values
+        v["word_edits"] += word[0]
+        v["words"] += word[1]
+        v["char_edits"] += char[0]
+        v["chars"] += char[1]
+
+    def merge(self, other: dict[str, float]) -> None:
+        for key in self.KEYS:
+            self.values[key] += other[key]
+
+    def all_reduce(self, world_size: int, device: torch.device) -> dict[str, float]:
+        if world_size == 1:
+            return dict(self.values)
+        tensor = torch.tensor([self.values[k] for k in self.KEYS], dtype=torch.float64, device=device)
+        dist.all_reduce(tensor)
+        return dict(zip(self.KEYS, tensor.tolist()))
+
+
+def ctc_record(stats: dict[str, float]) -> dict[str, float]:
+    """Summed statistics -> logged values: ``loss`` in bits per utterance (fairseq's CTC ``loss``), ``nll_loss`` in
+    bits per letter, and, where decoded, ``wer`` / ``cer`` in percent."""
+    record = {
+        "loss": stats["loss"] / max(stats["sample_size"], 1.0) / LOG2,
+        "nll_loss": stats["loss"] / max(stats["ntokens"], 1.0) / LOG2,
+        "sample_size": stats["sample_size"],
+        "ntokens": stats["ntokens"],
+        "infeasible": stats["infeasible"],
+        "num_batches": stats["num_batches"],
+        "audio_seconds": stats["audio_seconds"],
+    }
+    if stats["words"] > 0:
+        record["wer"] = 100.0 * stats["word_edits"] / stats["words"]
+        record["cer"] = 100.0 * stats["char_edits"] / max(stats["chars"], 1.0)
+    return record
+
+
+class FineTuner(Trainer):
+    """Builds everything from a ``FineTuneConfig`` and runs ``train()``."""
+
+    cfg: FineTuneConfig
+
+    def __init__(self, cfg: FineTuneConfig):
+        self.dictionary = self._dictionary(cfg)
+        self._examples: list[tuple[str, str]] = []
+        self._errors = CTCTotals()
+        super().__init__(cfg)
+        if self.is_main:
+            self.dictionary.save(self.output_dir / "dict.ltr.txt")
+
+    # ------------------------------------------------------------------ the task
+    @staticmethod
+    def _dictionary(cfg: FineTuneConfig) -> Dictionary:
+        """``cfg.dictionary``, else ``dict.ltr.txt`` beside the (first) training manifest, else built from its
+        transcripts (the same on every rank)."""
+        first_manifest = cfg.data.manifest.split(",")[0].strip()
+        path = cfg.dictionary or dictionary_path(first_manifest)
+        if Path(path).is_file():
+            return Dictionary.load(path)
+        if cfg.dictionary:
+            raise FileNotFoundError(f"dictionary={cfg.dictionary}: no such file")
+        rows = [r for r in read_labels(first_manifest, cfg.data.labels, skip_empty=True) if r is not None]
+        logger.info("no %s: building the dictionary from the %d transcripts of %s", path, len(rows), first_manifest)
+        return Dictionary.from_transcripts(rows)
+
+    def build_model(self) -> Wav2Vec2ForCTC:
+        m = self.cfg.model
+        settings = dict(
+            mask_prob=m.mask_prob, mask_length=m.mask_length, mask_channel_prob=m.mask_channel_prob,
+            mask_channel_length=m.mask_channel_length, encoder_layerdrop=m.layerdrop, dropout=m.dropout,
+            attention_dropout=m.attention_dropout, activation_dropout=m.activation_dropout,
+            feature_grad_mult=m.feature_grad_mult, final_dropout=m.final_dropout,
+            freeze_finetune_updates=m.freeze_finetune_updates, apply_mask=True, zero_infinity=True,
+            ctc_loss_reduction="sum",
+        )
+        symbols = list(self.dictionary.symbols)
+        try:
+            model = Wav2Vec2ForCTC.from_pretrained(m.init_from, **settings)
+        except CheckpointError as err:  # not a CTC checkpoint: a pretrained encoder, and a new head for the dictionary
+            if "not a CTC model" not in str(err):
+                raise
+            model = Wav2Vec2ForCTC.from_pretrained(m.init_from, vocab=symbols, **settings)
+            logger.info("initialised the encoder from %s; new output layer for %d symbols", m.init_from, len(symbols))
+        else:
+            if model.vocab != symbols:
+                raise ValueError(f"{m.init_from}: its vocabulary ({len(model.vocab)} symbols) differs from the "
+                                 f"dictionary ({len(symbols)}); give model.init_from a pretrained checkpoint or the "
+                                 "dictionary it was trained with")
+            logger.info("continuing from the fine-tuned model %s", m.init_from)
+        model.wav2vec2.set_activation_checkpointing(m.activation_checkpointing)
+        return model
+
+    def encoder_model(self) -> Wav2Vec2Model:
+        return self.model.wav2vec2
+
+    def find_unused_parameters(self) -> bool:
+        return True  # frozen conv stack, frozen encoder for freeze_finetune_updates, LayerDrop drawn per rank
+
+    def build_loader(self, manifest: str, epoch: int, start_batch: int = 0, shuffle: bool = True):
+        return build_finetune_dataloader(
+            self.cfg.data, manifest, self.dictionary, normalize=self.model_cfg.normalize, seed=self.cfg.seed,
+            epoch=epoch, rank=self.rank, world_size=self.world_size, start_batch=start_batch, shuffle=shuffle,
+            num_frames=frames_of(self.model_cfg.conv_layers),
+        )
+
+    def forward_and_loss(self, model, batch: dict, source, padding_mask, layer_keep) -> tuple[CTCOutput, CTCLoss]:
+        out: CTCOutput = model(source, padding_mask)
+        targets, target_lengths = batch["target"], batch["target_lengths"]
+        per_utterance = torch.nn.functional.ctc_loss(
+            out.log_probs.transpose(0, 1), targets.to(out.log_probs.device), out.lengths,
+            target_lengths.to(out.log_probs.device), blank=self.model.blank_index, reduction="none",
+            zero_infinity=True,
+        )
+        with torch.no_grad():
+            infeasible = int((per_utterance == 0).logical_and(target_lengths.to(per_utterance.device) > 0).sum())
+        return out, CTCLoss(per_utterance.sum(), int(targets.shape[0]), int(target_lengths.sum()), infeasible)
+
+    def _dummy(self) -> dict:
+        batch = super()._dummy()
+        batch.setdefault("target", torch.full((1, 1), self.dictionary.unk_index, dtype=torch.long))
+        batch.setdefault("target_lengths", torch.ones(1, dtype=torch.long))
+        return batch
+
+    def new_totals(self) -> CTCTotals:
+        return CTCTotals()
+
+    def record(self, stats: dict[str, float]) -> dict[str, float]:
+        return ctc_record(stats)
+
+    def learning_rate(self, num_updates: int) -> float:
+        return tri_stage_lr(num_updates - 1, self.cfg.optim)  # fairseq: update n runs with the LR set after n - 1
+
+    def check_health(self, record: dict[str, Any]) -> None:
+        if record["infeasible"] and self.is_main:
+            logger.warning("update %d: %d utterance(s) too long for their audio under CTC (loss zeroed)",
+                           self.num_updates, int(record["infeasible"]))
+
+    # ------------------------------------------------------------------ validation: WER and CER
+    def validate(self) -> dict[str, float]:
+        self._examples = []
+        self._errors = CTCTotals()
+        return super().validate()
+
+    def validation_batch_done(self, batch: dict, out: CTCOutput) -> None:
+        hypotheses = self.model.decode(out)
+        references = [letters_to_words(self.dictionary.string(t[:n].tolist()))
+                      for t, n in zip(batch["target"], batch["target_lengths"])]
+        self._errors.add_errors(error_counts(references, hypotheses, unit="word"),
+                                error_counts(references, hypotheses, unit="char"))
+        for ref, hyp in zip(references, hypotheses):
+            if len(self._examples) < self.cfg.valid_examples:
+                self._examples.append((ref, hyp))
+
+    def validation_extras(self) -> dict[str, float]:
+        stats = self._errors.all_reduce(self.world_size, self.device)
+        if self.is_main:
+            for ref, hyp in self._examples:
+                logger.info("  ref: %s\n  hyp: %s", ref, hyp)
+        extras = {}
+        if stats["words"] > 0:
+            extras["wer"] = 100.0 * stats["word_edits"] / stats["words"]
+            extras["cer"] = 100.0 * stats["char_edits"] / max(stats["chars"], 1.0)
+            if self.is_main:
+                logger.info("valid @ %d: WER %.2f %%, CER %.2f %%", self.num_updates, extras["wer"], extras["cer"])
+        return extras
