@@ -25,7 +25,7 @@ from torch import nn
 
 from xlsr.checkpoints import detect_format, load_state_dict_checked, read_checkpoint
 from xlsr.checkpoints.errors import CheckpointError
-from xlsr.checkpoints.fairseq import config_from_fairseq, state_dict_from_fairseq
+from xlsr.checkpoints.fairseq import _as_dict, config_from_fairseq, state_dict_from_fairseq
 from xlsr.checkpoints.files import read_json_object
 from xlsr.checkpoints.huggingface import (
     CONFIG_NAME,
@@ -58,16 +58,6 @@ FAIRSEQ_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # fairseq Dictionary's fir
 
 
 # ---------------------------------------------------------------------------------------------- which kind
-def _as_dict(section: Any) -> dict[str, Any]:
-    if section is None:
-        return {}
-    if isinstance(section, argparse.Namespace):
-        return vars(section)
-    if isinstance(section, dict):
-        return section
-    raise CheckpointError(f"unexpected cfg section of type {type(section).__name__}")
-
-
 def _fairseq_model_cfg(checkpoint: Any) -> dict[str, Any]:
     if not isinstance(checkpoint, dict):
         return {}

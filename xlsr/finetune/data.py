@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from xlsr.audio import AudioWarning
 from xlsr.finetune.labels import Dictionary, dictionary_path, label_path, read_labels
 from xlsr.modules.feature_encoder import conv_output_length
-from xlsr.pretrain.data import AudioDataset, LengthBatchSampler, collate, set_loader_epoch
+from xlsr.pretrain.data import AudioDataset, batched_loader, collate, set_loader_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -433,21 +433,5 @@ def build_finetune_dataloader(
         seed=seed,
         epoch=epoch,
     )
-    sampler = LengthBatchSampler(
-        dataset.sizes,
-        cfg.max_tokens,
-        num_replicas=world_size,
-        rank=rank,
-        seed=seed,
-        epoch=epoch,
-        shuffle=shuffle,
-        required_batch_size_multiple=cfg.required_batch_size_multiple,
-        start=start_batch,
-    )
-    return DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=dataset.collater,
-        num_workers=cfg.num_workers,
-        pin_memory=torch.cuda.is_available(),
-    )
+    return batched_loader(dataset, cfg, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
+                          start_batch=start_batch, shuffle=shuffle)

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from xlsr.checkpoints import CheckpointError
 from xlsr.ctc import CTCOutput, Wav2Vec2ForCTC
@@ -25,6 +24,7 @@ from xlsr.finetune.data import build_finetune_dataloader, frames_of
 from xlsr.finetune.labels import Dictionary, dictionary_path, letters_to_words, read_labels
 from xlsr.finetune.wer import error_counts
 from xlsr.model import Wav2Vec2Model
+from xlsr.pretrain.metrics import Totals
 from xlsr.pretrain.optim import tri_stage_lr
 from xlsr.pretrain.trainer import Trainer
 
@@ -43,14 +43,11 @@ class CTCLoss:
     infeasible: int  # utterances whose loss was infinite (targets longer than the audio allows), zeroed
 
 
-class CTCTotals:
+class CTCTotals(Totals):
     """Sums of what one update, an epoch or a validation pass logs (the interface of ``StepTotals``)."""
 
     KEYS = ("loss", "sample_size", "ntokens", "infeasible", "num_batches", "audio_seconds", "word_edits",
             "words", "char_edits", "chars")
-
-    def __init__(self) -> None:
-        self.values = dict.fromkeys(self.KEYS, 0.0)
 
     def add(self, loss: CTCLoss, out, audio_seconds: float) -> None:
         v = self.values
@@ -68,21 +65,10 @@ class CTCTotals:
         v["char_edits"] += char[0]
         v["chars"] += char[1]
 
-    def merge(self, other: dict[str, float]) -> None:
-        for key in self.KEYS:
-            self.values[key] += other[key]
-
-    def all_reduce(self, world_size: int, device: torch.device) -> dict[str, float]:
-        if world_size == 1:
-            return dict(self.values)
-        tensor = torch.tensor([self.values[k] for k in self.KEYS], dtype=torch.float64, device=device)
-        dist.all_reduce(tensor)
-        return dict(zip(self.KEYS, tensor.tolist()))
-
 
 def ctc_record(stats: dict[str, float]) -> dict[str, float]:
     """Summed statistics -> logged values: ``loss`` in bits per utterance (fairseq's CTC ``loss``), ``nll_loss`` in
-    bits per letter, and, where decoded, ``wer`` / ``cer`` in percent."""
+    bits per letter (validation adds ``wer`` / ``cer``, see ``FineTuner.validation_extras``)."""
     record = {
         "loss": stats["loss"] / max(stats["sample_size"], 1.0) / LOG2,
         "nll_loss": stats["loss"] / max(stats["ntokens"], 1.0) / LOG2,
@@ -92,9 +78,6 @@ def ctc_record(stats: dict[str, float]) -> dict[str, float]:
         "num_batches": stats["num_batches"],
         "audio_seconds": stats["audio_seconds"],
     }
-    if stats["words"] > 0:
-        record["wer"] = 100.0 * stats["word_edits"] / stats["words"]
-        record["cer"] = 100.0 * stats["char_edits"] / max(stats["chars"], 1.0)
     return record
 
 

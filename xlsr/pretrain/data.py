@@ -599,6 +599,14 @@ def build_dataloader(
         seed=seed,
         epoch=epoch,
     )
+    return batched_loader(dataset, cfg, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
+                          start_batch=start_batch, shuffle=shuffle)
+
+
+def batched_loader(dataset, cfg, *, seed: int, epoch: int, rank: int, world_size: int, start_batch: int,
+                   shuffle: bool) -> DataLoader:
+    """A DataLoader over ``dataset`` (with ``sizes`` and ``collater``) in this rank's length-bucketed batches of at
+    most ``cfg.max_tokens`` samples (``LengthBatchSampler``), from batch ``start_batch``."""
     sampler = LengthBatchSampler(
         dataset.sizes,
         cfg.max_tokens,

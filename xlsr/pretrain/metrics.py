@@ -24,7 +24,30 @@ logger = logging.getLogger("xlsr.pretrain")
 LOG2 = math.log(2)
 
 
-class StepTotals:
+class Totals:
+    """Sums over micro-batches, updates or a validation pass, reduced over ranks; subclasses name ``KEYS`` and
+    say in ``add`` what one batch contributes."""
+
+    KEYS: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        self.values = dict.fromkeys(self.KEYS, 0.0)
+
+    def merge(self, other: dict[str, float]) -> None:
+        """Add already reduced sums (e.g. one update's, into the epoch's)."""
+        for key in self.KEYS:
+            self.values[key] += other[key]
+
+    def all_reduce(self, world_size: int, device: torch.device) -> dict[str, float]:
+        """The sums over all ranks (a copy; one collective call when ``world_size > 1``)."""
+        if world_size == 1:
+            return dict(self.values)
+        tensor = torch.tensor([self.values[k] for k in self.KEYS], dtype=torch.float64, device=device)
+        dist.all_reduce(tensor)
+        return dict(zip(self.KEYS, tensor.tolist()))
+
+
+class StepTotals(Totals):
     """Sums of what one update, an epoch, or a validation pass logs; reduced over micro-batches and ranks.
 
     ``add`` takes one micro-batch's loss (``loss.py`` has already weighted its terms) and model output;
@@ -33,9 +56,6 @@ class StepTotals:
 
     KEYS = ("loss", "loss_0", "loss_1", "loss_2", "sample_size", "correct", "count", "code_perplexity",
             "prob_perplexity", "temp", "num_batches", "audio_seconds", "masked_frames", "valid_frames")
-
-    def __init__(self) -> None:
-        self.values = dict.fromkeys(self.KEYS, 0.0)
 
     def add(self, loss: LossOutput, out, audio_seconds: float) -> None:
         """One micro-batch: ``loss`` from ``compute_loss`` (summed over its masked frames), ``out`` the model's."""
@@ -57,19 +77,6 @@ class StepTotals:
         if out.padding_mask is not None:
             frames -= int(out.padding_mask.sum())
         v["valid_frames"] += frames
-
-    def merge(self, other: dict[str, float]) -> None:
-        """Add already reduced sums (e.g. one update's, into the epoch's)."""
-        for key in self.KEYS:
-            self.values[key] += other[key]
-
-    def all_reduce(self, world_size: int, device: torch.device) -> dict[str, float]:
-        """The sums over all ranks (a copy; one collective call when ``world_size > 1``)."""
-        if world_size == 1:
-            return dict(self.values)
-        tensor = torch.tensor([self.values[k] for k in self.KEYS], dtype=torch.float64, device=device)
-        dist.all_reduce(tensor)
-        return dict(zip(self.KEYS, tensor.tolist()))
 
 
 def stats_to_record(stats: dict[str, float]) -> dict[str, float]:
