@@ -52,14 +52,15 @@ def asterisk_sources(lang: str, package: str) -> list[Source]:
     return out
 
 
-def decode_asterisk(root: pathlib.Path, sources: Sequence[Source]) -> dict[str, int]:
-    """Decode the prompts into ``root``; returns counts of what happened."""
+def decode_asterisk(root: pathlib.Path, sources: Sequence[Source], *,
+                    min_seconds: float = MIN_SECONDS) -> dict[str, int]:
+    """Decode the prompts of at least ``min_seconds`` into ``root``; returns counts of what happened."""
     stats = {"decoded": 0, "cached": 0, "short": 0, "silent": 0}
     todo = []
     for s in sources:
         # 64 kbit/s G.722 = 8000 bytes/s = 2 samples/byte at 16 kHz: the length
         # is known without decoding.
-        if s.src.stat().st_size * 2 < MIN_SECONDS * SAMPLE_RATE:
+        if s.src.stat().st_size * 2 < min_seconds * SAMPLE_RATE:
             stats["short"] += 1
         elif (root / s.rel).exists():
             stats["cached"] += 1

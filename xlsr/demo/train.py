@@ -1,4 +1,5 @@
-"""The demo's training step: pretrain the tiny model on the demo corpus for a time budget, print its learning curve."""
+"""The demo's pretraining step: pretrain the tiny model on the demo corpus for a time budget, print its learning curve
+(and draw it, :mod:`xlsr.demo.plots`)."""
 
 from __future__ import annotations
 
@@ -8,26 +9,28 @@ import statistics
 from pathlib import Path
 from typing import Sequence
 
+from xlsr.demo.plots import PLOT_HINT, pretrain_panels, save_curves
 from xlsr.pretrain.config import compose_config
 
+PRETRAIN_PNG = "pretrain_curve.png"
 
-def learning_curve(metrics_file: Path, points: int = 8) -> list[dict[str, float]]:
-    """The logged train updates split into ``points`` consecutive windows, each averaged."""
+
+def learning_curve(metrics_file: Path, points: int = 8,
+                   keys: Sequence[str] = ("loss", "code_perplexity", "accuracy")) -> list[dict[str, float]]:
+    """The logged train updates split into ``points`` consecutive windows, each averaged over ``keys``."""
     train = [json.loads(line) for line in metrics_file.read_text().splitlines()]
     train = [r for r in train if r["split"] == "train"]
-    size = max(1, len(train) // points)
-    windows = [train[i : i + size] for i in range(0, len(train), size)][:points]
+    size = max(1, -(-len(train) // points))  # ceil: at most ``points`` windows, none of the updates left out
+    windows = [train[i : i + size] for i in range(0, len(train), size)]
     return [
-        {
-            "updates": f"{w[0]['update']}-{w[-1]['update']}",
-            **{key: statistics.fmean(r[key] for r in w) for key in ("loss", "code_perplexity", "accuracy")},
-        }
+        {"updates": f"{w[0]['update']}-{w[-1]['update']}", **{key: statistics.fmean(r[key] for r in w) for key in keys}}
         for w in windows
     ]
 
 
-def train_and_report(corpus: Path, output_dir: str, minutes: float, overrides: Sequence[str] = ()) -> None:
-    """Pretrain the tiny model on ``corpus/{train,valid}.tsv`` for ``minutes``, then print the learning curve.
+def train_and_report(corpus: Path, output_dir: str, minutes: float, overrides: Sequence[str] = ()) -> Path:
+    """Pretrain the tiny model on ``corpus/{train,valid}.tsv`` for ``minutes``, then print the learning curve and
+    draw it into ``output_dir/pretrain_curve.png`` (with matplotlib). Returns the final model's folder.
 
     ``overrides`` are extra hydra overrides, applied after the demo's own settings.
     """
@@ -66,3 +69,7 @@ def train_and_report(corpus: Path, output_dir: str, minutes: float, overrides: S
     print(f"  checkpoints: {out / cfg.checkpoint.dir}")
     print(f"  final model (Wav2Vec2Model.from_pretrained): {out / 'model'}")
     print(f"  metrics (JSONL, one line per logged update): {out / 'metrics.jsonl'}")
+    png = save_curves(out / PRETRAIN_PNG, f"pretraining the tiny model ({trainer.num_updates} updates)",
+                      pretrain_panels(out / "metrics.jsonl"))
+    print(f"  learning curve: {png}" if png else f"  learning curve PNG: {PLOT_HINT}")
+    return out / "model"
