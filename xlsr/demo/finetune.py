@@ -48,6 +48,9 @@ def finetune_overrides(data_dir: Path, init_from: Path, output_dir: Path, minute
         "checkpoint.save_interval_updates=500",
         "checkpoint.resume=never",
         "tensorboard=false",
+        # the trainer's tqdm bar shows pretraining's accuracy, which CTC records lack (KeyError): the validation
+        # lines every 100 updates show the progress instead
+        "progress_bar=false",
     ]
 
 

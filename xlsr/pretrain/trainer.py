@@ -330,12 +330,15 @@ class Trainer:
         self.metrics.close()
         return last
 
-    @staticmethod
-    def _show_progress(progress, record: dict[str, Any]) -> None:
+    # what the progress bar shows of a record, when the record has it
+    PROGRESS_FIELDS = (("loss", "loss", "{:.3f}"), ("accuracy", "acc", "{:.3f}"), ("code_perplexity", "ppl", "{:.1f}"),
+                       ("audio_sec_per_sec", "aps", "{:.0f}"))
+
+    def _show_progress(self, progress, record: dict[str, Any]) -> None:
         if progress is not None:
             progress.update(1)
-            progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}",
-                                 ppl=f"{record['code_perplexity']:.1f}", aps=f"{record['audio_sec_per_sec']:.0f}")
+            progress.set_postfix({name: fmt.format(record[key]) for key, name, fmt in self.PROGRESS_FIELDS
+                                  if key in record})
 
     def _progress_bar(self):
         if not (self.is_main and self.cfg.progress_bar):
