@@ -21,8 +21,10 @@ CPU mode
     Workloads: infer-fp32 / infer-bf16 (1 x 10 s, no grad, bf16 = autocast), train-fp32 / train-bf16 (2 x 4 s:
     forward with a fixed 0.65 x 10 span mask and 100 negatives, loss, backward, AdamW step), train-fp32-ckpt
     (the same with activation checkpointing in both), train-fp32-lowmem (ours with checkpointing and the optimizer
-    step inside backward, ``optim.step_in_backward=true`` of the trainer; HF with checkpointing). All use the same
-    optimiser (``--optim``: fused AdamW by default, which is also HF Trainer's default).
+    step inside backward, ``optim.step_in_backward=true`` of the trainer; HF with checkpointing), finetune-fp32
+    (CTC fine-tuning, 2 x 4 s: xlsr.Wav2Vec2ForCTC against HF's Wav2Vec2ForCTC, frozen conv stack, 0.05 x 10 time
+    masks drawn by each model, CTC loss on random targets, 32 symbols, ~50 per utterance; not fairseq). All use the
+    same optimiser (``--optim``: fused AdamW by default, which is also HF Trainer's default).
 
     The machine may be shared: before each repetition the parent waits (up to ``--max-wait`` s) until other
     processes use less than ``--quiet`` of a core, and it records how much CPU others used during the
@@ -64,7 +66,7 @@ for _path in (str(ROOT), str(HERE)):
         sys.path.insert(0, _path)
 
 from flops import workload_flops  # noqa: E402
-from impls import fairseq_importable, make_inputs  # noqa: E402
+from impls import CTC_VOCAB, fairseq_importable, make_inputs  # noqa: E402
 from machine import LoadMeter, ceiling_main, machine_description, measure_ceiling  # noqa: E402
 from mfu import mfu_mode, mfu_worker_main  # noqa: E402
 from report import format_row_text, results_table, write_results  # noqa: E402
@@ -78,6 +80,7 @@ WORKLOADS = {
     "train-bf16": ("train", 2, 4.0, True, False, False),
     "train-fp32-ckpt": ("train", 2, 4.0, False, True, False),
     "train-fp32-lowmem": ("train", 2, 4.0, False, True, True),
+    "finetune-fp32": ("finetune", 2, 4.0, False, False, False),  # CTC fine-tuning step, frozen conv stack
 }
 DEFAULT_WORKLOADS = list(WORKLOADS)
 
@@ -86,9 +89,10 @@ DEFAULT_WORKLOADS = list(WORKLOADS)
 def run_workload(args, name: str, inputs_path: str) -> dict:
     """One workload: a worker per implementation, interleaved timed repetitions, then profiles and memory."""
     kind, batch, seconds, bf16, checkpointing, step_in_backward = WORKLOADS[name]
-    # fairseq has no activation checkpointing, and its train forward fails under autocast on current torch
-    # (apply_mask index_puts the fp32 mask embedding into bf16 features)
-    impls = [i for i in args.impls if not (i == "fairseq" and (checkpointing or (bf16 and kind == "train")))]
+    # fairseq has no activation checkpointing, its train forward fails under autocast on current torch
+    # (apply_mask index_puts the fp32 mask embedding into bf16 features), and it has no CTC runner here
+    impls = [i for i in args.impls
+             if not (i == "fairseq" and (checkpointing or (bf16 and kind == "train") or kind == "finetune"))]
     workers: dict[str, Worker] = {}
     try:
         for impl in impls:
@@ -101,7 +105,7 @@ def run_workload(args, name: str, inputs_path: str) -> dict:
             workers[impl] = Worker(spec, worker_env(args.env))
             workers[impl].read()  # built and warmed up (one at a time: the other worker is not running yet)
         pids = [w.proc.pid for w in workers.values()]
-        reps = args.reps or (3 if args.quick else 9 if kind == "infer" else 5)
+        reps = args.reps or (3 if args.quick else 9 if kind == "infer" else 5)  # train and finetune: 5
         times = {impl: [] for impl in impls}
         noise = {impl: [] for impl in impls}
         util = {impl: [] for impl in impls}
@@ -133,17 +137,19 @@ def cpu_mode(args) -> None:
     machine = machine_description("cpu")
     print(f"# {machine['cpu']}, {args.threads} threads, torch {machine['torch']}, {machine['date']}", flush=True)
     ceiling = measure_ceiling(args)
-    print(f"matmul ceiling ({ceiling['n']}^2): fp32 {ceiling['fp32']:.0f} GFLOP/s, bf16 {ceiling['bf16']:.0f} GFLOP/s",
-          flush=True)
+    n_bf16 = ceiling.get("n_bf16", ceiling["n"])
+    small = f" (bf16 at {n_bf16}^2: no fast bf16 kernel here)" if n_bf16 < ceiling["n"] else ""
+    print(f"matmul ceiling ({ceiling['n']}^2): fp32 {ceiling['fp32']:.0f} GFLOP/s, bf16 {ceiling['bf16']:.0f} GFLOP/s"
+          f"{small}", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.workloads:
             kind, batch, seconds, bf16 = WORKLOADS[name][:4]
             samples = int(seconds * cfg.sample_rate)
-            inputs = make_inputs(cfg, batch, samples)
+            inputs = make_inputs(cfg, batch, samples, ctc=kind == "finetune")
             path = os.path.join(tmp, f"{name}.pt")
             torch.save(inputs, path)
-            flops = workload_flops(cfg, kind, batch, samples, int(inputs["mask"].sum()))
+            flops = workload_flops(cfg, kind, batch, samples, int(inputs["mask"].sum()), CTC_VOCAB)
             t0 = time.time()
             result = run_workload(args, name, path)
             row = {"workload": name, "flops": flops, "bf16": bf16, **result}

@@ -2,14 +2,15 @@
 
 The same count serves every implementation, so GFLOP/s and MFU compare like with like: conv stack, feature
 projection, positional conv, the transformer layers and, for training, the contrastive head on the masked frames;
-a train step counts 3 x forward.
+a train step counts 3 x forward. A CTC fine-tuning step (frozen conv stack) counts the conv stack once, the feature
+projection twice (forward and weight gradient: its input needs none) and the rest, CTC head included, 3 times.
 """
 
 from __future__ import annotations
 
 
-def forward_flops(cfg, batch: int, samples: int, masked: int = 0, head: bool = False) -> float:
-    """Model FLOPs of one forward (multiply-add = 2): conv stack, projection, positional conv, layers[, head]."""
+def conv_stack_flops(cfg, batch: int, samples: int) -> tuple[float, int]:
+    """Model FLOPs of the conv stack's forward, and the number of frames it makes."""
     from xlsr.modules.feature_encoder import conv_output_length
 
     flops = 0.0
@@ -19,11 +20,24 @@ def forward_flops(cfg, batch: int, samples: int, masked: int = 0, head: bool = F
         length = conv_output_length(length, [layer])
         flops += 2.0 * in_dim * dim * kernel * length * batch
         in_dim = dim
-    frames, d, f = length, cfg.encoder_embed_dim, cfg.encoder_ffn_embed_dim
-    flops += 2.0 * cfg.conv_dim * d * frames * batch  # feature projection
-    flops += 2.0 * d * (d // cfg.conv_pos_groups) * cfg.conv_pos * frames * batch  # positional conv
+    return flops, length
+
+
+def encoder_flops(cfg, batch: int, frames: int) -> float:
+    """Model FLOPs of positional conv and transformer layers (forward) on ``frames`` frames per utterance."""
+    d, f = cfg.encoder_embed_dim, cfg.encoder_ffn_embed_dim
+    flops = 2.0 * d * (d // cfg.conv_pos_groups) * cfg.conv_pos * frames * batch  # positional conv
     flops += cfg.encoder_layers * (8.0 * d * d + 4.0 * d * f) * frames * batch  # qkv, out, ffn
     flops += cfg.encoder_layers * 4.0 * d * frames * frames * batch  # scores and weighted sum
+    return flops
+
+
+def forward_flops(cfg, batch: int, samples: int, masked: int = 0, head: bool = False) -> float:
+    """Model FLOPs of one forward (multiply-add = 2): conv stack, projection, positional conv, layers[, head]."""
+    flops, frames = conv_stack_flops(cfg, batch, samples)
+    d = cfg.encoder_embed_dim
+    flops += 2.0 * cfg.conv_dim * d * frames * batch  # feature projection
+    flops += encoder_flops(cfg, batch, frames)
     if head:  # only the masked frames enter the contrastive head
         p, c = cfg.proj_dim, cfg.codebook_dim
         flops += 2.0 * cfg.conv_dim * cfg.num_codevectors * masked  # quantizer logits
@@ -32,8 +46,21 @@ def forward_flops(cfg, batch: int, samples: int, masked: int = 0, head: bool = F
     return flops
 
 
-def workload_flops(cfg, kind: str, batch: int, samples: int, masked: int) -> float:
-    """Model FLOPs of one repetition: a forward for ``kind`` "infer", else a train step (3 x forward with head)."""
+def finetune_flops(cfg, batch: int, samples: int, vocab: int) -> float:
+    """Model FLOPs of a CTC fine-tuning step with a frozen conv stack: conv forward, projection forward + weight
+    gradient, then 3 x (positional conv, layers, lm_head)."""
+    conv, frames = conv_stack_flops(cfg, batch, samples)
+    d = cfg.encoder_embed_dim
+    projection = 2.0 * cfg.conv_dim * d * frames * batch
+    head = 2.0 * d * vocab * frames * batch
+    return conv + 2.0 * projection + 3.0 * (encoder_flops(cfg, batch, frames) + head)
+
+
+def workload_flops(cfg, kind: str, batch: int, samples: int, masked: int, vocab: int = 32) -> float:
+    """Model FLOPs of one repetition: a forward for ``kind`` "infer", a CTC fine-tuning step for "finetune", else
+    a train step (3 x forward with head)."""
     if kind == "infer":
         return forward_flops(cfg, batch, samples)
+    if kind == "finetune":
+        return finetune_flops(cfg, batch, samples, vocab)
     return 3.0 * forward_flops(cfg, batch, samples, masked, head=True)

@@ -1,11 +1,15 @@
 """The implementations under test (``--impls``), each built on the same inputs and timed the same way.
 
-    ours, ours+compile  xlsr's Wav2Vec2Model (+ compile_encoder()); train loss: xlsr.pretrain.loss.compute_loss
-    hf                  transformers' Wav2Vec2Model (inference) / Wav2Vec2ForPreTraining (train), SDPA attention
+    ours, ours+compile  xlsr's Wav2Vec2Model (+ compile_encoder()); train loss: xlsr.pretrain.loss.compute_loss;
+                        fine-tuning: xlsr.Wav2Vec2ForCTC and its ctc_loss
+    hf                  transformers' Wav2Vec2Model (inference) / Wav2Vec2ForPreTraining (train) /
+                        Wav2Vec2ForCTC with freeze_feature_encoder() (fine-tuning), SDPA attention
     fairseq             fairseq's own Wav2Vec2Model (``--fairseq-path``, benchmarks/README.md) and its criterion
+                        (pretraining and inference only)
 
-``make_inputs`` writes the shared inputs (audio, span mask, negatives), ``make_runner`` builds one implementation
-for one workload spec; its ``step()`` times one repetition (inference, or a train step with the optimiser).
+``make_inputs`` writes the shared inputs (audio, span mask, negatives; CTC targets for fine-tuning),
+``make_runner`` builds one implementation for one workload spec; its ``step()`` times one repetition (inference,
+or a train step with the optimiser).
 Everything heavy (torch, xlsr, transformers, fairseq) is imported inside the functions, in the worker processes.
 """
 
@@ -16,6 +20,25 @@ import os
 import subprocess
 import sys
 import time
+
+
+# the fine-tuning workload (kind "finetune"): CTC over a 32-symbol vocabulary (blank = 0), ~50 letters per
+# utterance, frozen conv stack, light time masks and nothing random besides them (dropout and LayerDrop 0)
+CTC_VOCAB = 32
+CTC_LETTERS = (45, 56)  # target length per utterance drawn from [45, 56)
+CTC_ENCODER_SETTINGS = dict(
+    mask_prob=0.05, mask_length=10, mask_channel_prob=0.0, encoder_layerdrop=0.0, dropout=0.0, dropout_input=0.0,
+    dropout_features=0.0, attention_dropout=0.0, activation_dropout=0.0, feature_grad_mult=0.0,
+)
+
+
+def ctc_config(cfg):
+    """Our ``CTCConfig`` of the fine-tuning workload on the encoder ``cfg`` (HF's config is made from it)."""
+    from xlsr.ctc import CTCConfig, finetuning_encoder_config
+
+    encoder = finetuning_encoder_config(cfg, **CTC_ENCODER_SETTINGS)
+    return CTCConfig(encoder=encoder, vocab_size=CTC_VOCAB, blank_index=0, final_dropout=0.0, apply_mask=True,
+                     zero_infinity=True, ctc_loss_reduction="sum")
 
 
 def hf_config(cfg):
@@ -55,8 +78,9 @@ def fairseq_importable(fairseq_path: str) -> bool:
     return result.returncode == 0
 
 
-def make_inputs(cfg, batch: int, samples: int, seed: int = 0) -> dict:
-    """Audio, a fixed span mask (cfg.mask_prob x cfg.mask_length) and HF-sampled negatives, shared by both."""
+def make_inputs(cfg, batch: int, samples: int, seed: int = 0, ctc: bool = False) -> dict:
+    """Audio, a fixed span mask (cfg.mask_prob x cfg.mask_length) and HF-sampled negatives, shared by both; with
+    ``ctc`` also random CTC targets (B, L) of labels 1..CTC_VOCAB-1, padded with the blank 0, and their lengths."""
     import torch
 
     import xlsr
@@ -78,7 +102,14 @@ def make_inputs(cfg, batch: int, samples: int, seed: int = 0) -> dict:
         negatives = torch.from_numpy(_sample_negative_indices((batch, frames), cfg.num_negatives, mask.numpy()))
     except ImportError:  # no transformers: our own sampler (same distribution)
         negatives = xlsr.sample_negatives(mask, cfg.num_negatives, generator=gen)
-    return {"source": source, "mask": mask, "negatives": negatives.long()}
+    inputs = {"source": source, "mask": mask, "negatives": negatives.long()}
+    if ctc:  # its own generator: the other inputs stay those of the pretraining workloads
+        gen = torch.Generator().manual_seed(seed + 1)
+        lengths = torch.randint(*CTC_LETTERS, (batch,), generator=gen)
+        targets = torch.randint(1, CTC_VOCAB, (batch, int(lengths.max())), generator=gen)
+        targets[torch.arange(targets.shape[1])[None, :] >= lengths[:, None]] = 0
+        inputs.update(targets=targets, target_lengths=lengths)
+    return inputs
 
 
 def make_optimizer(params, name: str, device):
@@ -110,18 +141,24 @@ class Runner:
         self.spec = spec
         self.device = torch.device(spec["device"])
         self.bf16 = spec["bf16"]
-        self.train = spec["kind"] == "train"
+        self.finetune = spec["kind"] == "finetune"
+        self.train = spec["kind"] in ("train", "finetune")
         torch.manual_seed(0)
         import xlsr
 
         cfg = xlsr.Wav2Vec2Config.from_preset(spec["preset"])
         self.source, self.mask, self.negatives = (inputs[key].to(self.device) for key in ("source", "mask", "negatives"))
+        self.targets = inputs["targets"].to(self.device) if "targets" in inputs else None
+        self.target_lengths = inputs["target_lengths"].to(self.device) if "target_lengths" in inputs else None
         model = self.build(cfg)
         self.model = model.to(self.device).train(self.train)
         self.optimizer = None
         self.step_in_backward = None
         if self.train:
-            self.optimizer = make_optimizer(model.parameters(), spec["optim"], self.device)
+            # the trainable parameters (HF's frozen conv stack has requires_grad False, HF Trainer leaves it out;
+            # ours keeps requires_grad and gets no gradient, so AdamW skips it)
+            params = [p for p in model.parameters() if p.requires_grad]
+            self.optimizer = make_optimizer(params, spec["optim"], self.device)
             if spec.get("step_in_backward"):  # as the trainer sets it up
                 from xlsr.pretrain.optim import attach_step_in_backward
 
@@ -136,7 +173,8 @@ class Runner:
         raise NotImplementedError
 
     def loss(self):
-        """One training forward with ``self.mask`` (and ``self.negatives``): the pretraining loss."""
+        """One training forward with ``self.mask`` (and ``self.negatives``): the pretraining loss; for fine-tuning
+        (``self.finetune``) the CTC loss of ``self.targets``, time masks drawn by the model itself."""
         raise NotImplementedError
 
     def _autocast(self):
@@ -183,6 +221,10 @@ class OursRunner(Runner):
         from xlsr.pretrain.loss import compute_loss
 
         self._compute_loss = compute_loss
+        if self.finetune:
+            model = xlsr.Wav2Vec2ForCTC(ctc_config(cfg))
+            model.wav2vec2.set_activation_checkpointing(self.spec["checkpointing"])
+            return model
         model = xlsr.Wav2Vec2Model(cfg)
         model.set_activation_checkpointing(self.spec["checkpointing"])
         if "compile" in self.impl:
@@ -193,6 +235,8 @@ class OursRunner(Runner):
         return self.model.extract_features(self.source).x
 
     def loss(self):
+        if self.finetune:
+            return self.model.ctc_loss(self.model(self.source), self.targets, self.target_lengths)
         out = self.model(self.source, mask_indices=self.mask, negative_indices=self.negatives)
         return self._compute_loss(out, (0.1, 0.0)).total  # XLS-R weights: contrastive + 0.1 diversity
 
@@ -201,12 +245,27 @@ class HFRunner(Runner):
     """transformers' Wav2Vec2Model / Wav2Vec2ForPreTraining with the same architecture, SDPA attention."""
 
     def build(self, cfg):
+        from transformers import Wav2Vec2Config as HFConfig
+        from transformers import Wav2Vec2ForCTC as HFForCTC
         from transformers import Wav2Vec2ForPreTraining
         from transformers import Wav2Vec2Model as HFModel
 
-        hf_cfg = hf_config(cfg)
-        hf_cfg._attn_implementation = "sdpa"
-        model = (Wav2Vec2ForPreTraining if self.train else HFModel)(hf_cfg)
+        if self.finetune:  # our CTC config in HF's terms (vocab_size, pad_token_id = blank, ctc_* settings)
+            from xlsr.checkpoints.ctc import config_to_huggingface_ctc
+
+            ctc_cfg = ctc_config(cfg)
+            vocab = [f"<{i}>" for i in range(ctc_cfg.vocab_size)]
+            hf_cfg = HFConfig.from_dict(config_to_huggingface_ctc(ctc_cfg, vocab))
+            hf_cfg._attn_implementation = "sdpa"
+            model = HFForCTC(hf_cfg)
+            model.freeze_feature_encoder()  # feature_grad_mult 0
+            # HF's labels: padding -100 (its loss also drops the blank, but -100 is what its collators write)
+            lengths = self.target_lengths[:, None]
+            self.labels = self.targets.masked_fill(self.torch.arange(self.targets.shape[1])[None, :] >= lengths, -100)
+        else:
+            hf_cfg = hf_config(cfg)
+            hf_cfg._attn_implementation = "sdpa"
+            model = (Wav2Vec2ForPreTraining if self.train else HFModel)(hf_cfg)
         if self.spec["checkpointing"]:
             if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -218,6 +277,8 @@ class HFRunner(Runner):
         return self.model(self.source).last_hidden_state
 
     def loss(self):
+        if self.finetune:
+            return self.model(self.source, labels=self.labels).loss
         return self.model(self.source, mask_time_indices=self.mask, sampled_negative_indices=self.negatives).loss
 
 
@@ -227,6 +288,8 @@ class FairseqRunner(Runner):
     def build(self, cfg):
         if self.spec["checkpointing"]:
             raise ValueError("fairseq's wav2vec 2.0 has no activation checkpointing option")
+        if self.finetune:
+            raise ValueError("the fairseq runner has no CTC fine-tuning step (its Wav2VecCtc needs a task)")
         model = fairseq_model(cfg, self.spec.get("fairseq_path", ""))
         model.set_num_updates(0)
         return model

@@ -102,9 +102,20 @@ def ceiling_main(spec: dict) -> None:
     import torch
 
     torch.set_num_threads(spec["threads"])
-    device, n, reps = torch.device(spec["device"]), spec["n"], spec["reps"]
+    device, reps = torch.device(spec["device"]), spec["reps"]
     out = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        n = spec["n"]
+        if device.type == "cpu":  # without a vector kernel for the dtype (bf16 on plain AVX2: torch's scalar
+            # fallback, ~1 GFLOP/s) one n^3 product takes minutes: probe at 512 and shrink n to ~10 s a product
+            probe = torch.randn(512, 512, dtype=dtype)
+            torch.matmul(probe, probe)
+            t0 = time.perf_counter()
+            torch.matmul(probe, probe)
+            per_flop = (time.perf_counter() - t0) / (2.0 * 512**3)
+            while n > 512 and 2.0 * n**3 * per_flop > 10.0:
+                n //= 2
+            out[f"n_{name}"] = n
         a = torch.randn(n, n, dtype=dtype, device=device)
         b = torch.randn(n, n, dtype=dtype, device=device)
         times = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 PROFILE_GROUPS = [  # (group, predicate on the op name), first match wins; self CPU time of each op
     ("matmul", lambda n: n in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")),
     ("attention (SDPA)", lambda n: "scaled_dot_product" in n),
+    ("log_softmax and CTC", lambda n: "ctc_loss" in n or "log_softmax" in n),
     ("conv (oneDNN)", lambda n: n in ("aten::mkldnn_convolution", "aten::convolution_backward")),
     ("norms", lambda n: "norm" in n and n.startswith("aten::")),
     ("gelu", lambda n: n.startswith("aten::gelu")),
