@@ -30,13 +30,15 @@ def digits(tmp_path_factory):
 
 
 def overrides(digits, out, *extra):
+    """The tests' command line; ``extra`` adds settings or replaces the defaults here (key=value)."""
     manifest, pretrained = digits
-    return [
+    settings = [
         f"model.init_from={pretrained}", f"data.manifest={manifest}", f"output_dir={out}", "data.num_workers=0",
         "data.max_tokens=200000", "log_interval=1", "progress_bar=false", "tensorboard=false",
         "model.freeze_finetune_updates=0", "model.mask_prob=0.05", "model.mask_channel_prob=0.0",
         "model.layerdrop=0.0", "optim.lr=5e-3", *extra,
     ]
+    return list({setting.split("=")[0]: setting for setting in settings}.values())
 
 
 def records(out: Path, split: str) -> list[dict]:
@@ -105,19 +107,34 @@ def test_transcribe_command(digits, tmp_path):
     assert [line["text"] for line in lines] == transcribe(model, files, progress=False)
 
 
-def test_two_process_ddp_matches_gradient_accumulation(digits, tmp_path):
-    """2 gloo ranks == 1 process with update_freq=2 (frozen conv stack and no LayerDrop: the same parameters
-    get gradients on every rank), across an epoch boundary."""
+@pytest.mark.parametrize("layerdrop", [0.0, 0.5])
+def test_two_process_ddp_matches_gradient_accumulation(digits, tmp_path, layerdrop):
+    """2 gloo ranks == 1 process with update_freq=2 across an epoch boundary (frozen conv stack; with LayerDrop
+    the decisions are the update's, the same for both micro-batches and both ranks)."""
     common = ("optim.max_update=4", "checkpoint.save_interval_updates=4", "distributed.backend=gloo", "device=cpu",
-              "threads=1", "data.max_tokens=50000")  # 7 batches per epoch
+              "threads=1", "data.max_tokens=50000", f"model.layerdrop={layerdrop}")  # 7 batches per epoch
     single = run(compose_config(overrides(digits, tmp_path / "single", *common, "optim.update_freq=2")))
     assert single.train_loader.batch_sampler.total_batches % 2 == 1 and single.epoch > 1
     ddp = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-           "-m", "xlsr.finetune", *overrides(digits, ddp, *common, "optim.update_freq=1")]
+    port = 29531 + int(10 * layerdrop)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", "-m", "xlsr.finetune",
+           *overrides(digits, ddp, *common, "optim.update_freq=1")]
     result = subprocess.run([*cmd, "progress_bar=true"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]  # (the progress bar once failed on CTC records)
     load = lambda out: torch.load(out / "checkpoints" / "checkpoint_4.pt", weights_only=False)["model"]  # noqa: E731
     a, b = load(tmp_path / "single"), load(ddp)
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= 1e-5, worst
+
+
+@pytest.mark.parametrize("command", ["xlsr.finetune", "xlsr.pretrain"])
+def test_missing_manifest_is_a_one_line_error(tmp_path, command):
+    missing = tmp_path / "nowhere" / "train.tsv"
+    args = [f"data.manifest={missing}", f"output_dir={tmp_path / 'out'}", "progress_bar=false"]
+    if command == "xlsr.finetune":
+        args.append(f"model.init_from={tmp_path / 'no_model'}")
+    result = subprocess.run([sys.executable, "-m", command, *args], cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 2
+    assert str(missing) in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr

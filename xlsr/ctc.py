@@ -176,18 +176,22 @@ class Wav2Vec2ForCTC(nn.Module):
         return self.num_updates < self.cfg.freeze_finetune_updates
 
     # ------------------------------------------------------------------ forward
-    def forward(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> CTCOutput:
+    def forward(
+        self, source: torch.Tensor, padding_mask: torch.Tensor | None = None, layer_keep: list[bool] | None = None
+    ) -> CTCOutput:
         """source (B, S) 16 kHz (normalised if ``cfg.encoder.normalize``); padding_mask (B, S) bool, True = pad.
 
         In training the encoder applies LayerDrop and, with ``cfg.apply_mask``, its time and channel masks
         (fairseq: ``mask=self.apply_mask and self.training``); while ``encoder_frozen`` it runs under no_grad.
+        layer_keep: the LayerDrop decisions, one per layer (the trainer draws them once per update); default:
+        drawn by the encoder on each training forward.
         """
         encoder = self.wav2vec2
         with torch.no_grad() if self.encoder_frozen else contextlib.nullcontext():
             if self.training and self.cfg.apply_mask:
-                feats = encoder.extract_features_masked(source, padding_mask)
+                feats = encoder.extract_features_masked(source, padding_mask, layer_keep=layer_keep)
             else:
-                feats = encoder.extract_features(source, padding_mask)
+                feats = encoder.extract_features(source, padding_mask, layer_keep=layer_keep)
         logits = self.lm_head(self.final_dropout(feats.x))  # (B, T, V)
         batch, time, _ = logits.shape
         frame_padding = feats.padding_mask

@@ -135,11 +135,16 @@ class Wav2Vec2Model(nn.Module):
 
     # ------------------------------------------------------------------ feature extraction
     def extract_features(
-        self, source: torch.Tensor, padding_mask: torch.Tensor | None = None, layer: int | None = None
+        self,
+        source: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        layer: int | None = None,
+        layer_keep: list[bool] | None = None,
     ) -> FeatureOutput:
         """Run the model without masking. source (B, S) 16 kHz (normalised if ``cfg.normalize``).
 
         layer: stop after transformer layer ``layer`` (0-based); ``x`` is then that layer's output.
+        layer_keep: LayerDrop decisions (default: drawn by the encoder when training).
         """
         self._check_source(source, padding_mask)
         conv = self._conv_features(source)
@@ -147,7 +152,7 @@ class Wav2Vec2Model(nn.Module):
         frame_padding = self.frame_padding_mask(padding_mask, features.shape[1])
         features = self.dropout_features(features)
         x = self.dropout_input(x)
-        x, layer_results = self.encoder(x, frame_padding, layer=layer)
+        x, layer_results = self.encoder(x, frame_padding, layer=layer, layer_keep=layer_keep)
         return FeatureOutput(x=x, layer_results=layer_results, padding_mask=frame_padding, features=features)
 
     def extract_features_masked(

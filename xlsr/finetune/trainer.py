@@ -140,7 +140,7 @@ class FineTuner(Trainer):
         return self.model.wav2vec2
 
     def find_unused_parameters(self) -> bool:
-        return True  # frozen conv stack, frozen encoder for freeze_finetune_updates, LayerDrop drawn per rank
+        return True  # frozen conv stack, frozen encoder for freeze_finetune_updates, LayerDrop
 
     def build_loader(self, manifest: str, epoch: int, start_batch: int = 0, shuffle: bool = True):
         return build_finetune_dataloader(
@@ -150,7 +150,7 @@ class FineTuner(Trainer):
         )
 
     def forward_and_loss(self, model, batch: dict, source, padding_mask, layer_keep) -> tuple[CTCOutput, CTCLoss]:
-        out: CTCOutput = model(source, padding_mask)
+        out: CTCOutput = model(source, padding_mask, layer_keep=layer_keep)
         targets, target_lengths = batch["target"], batch["target_lengths"]
         per_utterance = torch.nn.functional.ctc_loss(
             out.log_probs.transpose(0, 1), targets.to(out.log_probs.device), out.lengths,

@@ -18,10 +18,10 @@ register_configs()
 
 @hydra.main(config_path=str(CONF_DIR), config_name="pretrain", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from xlsr.pretrain.trainer import Trainer
+    from xlsr.pretrain.trainer import Trainer, build_or_exit
 
     config: PretrainConfig = OmegaConf.to_object(cfg)
-    trainer = Trainer(config)
+    trainer = build_or_exit(Trainer, config)
     if trainer.is_main:
         logging.getLogger("xlsr.pretrain").info("writing to %s", trainer.output_dir.resolve())
     trainer.train()

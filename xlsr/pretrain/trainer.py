@@ -68,6 +68,16 @@ def build_model(cfg: PretrainConfig) -> Wav2Vec2Model:
     return model
 
 
+def build_or_exit(trainer_class: type["Trainer"], cfg) -> "Trainer":
+    """``trainer_class(cfg)`` for a command line: bad input found while setting up (a missing manifest, label or
+    checkpoint file, an unreadable file, a wrong setting) ends the program with its one-line message (exit code 2)
+    instead of a traceback. Errors during training still raise."""
+    try:
+        return trainer_class(cfg)
+    except (OSError, ValueError) as err:  # FileNotFoundError, CheckpointError, LabelError, AudioError, ...
+        logger.error("%s", err)
+        raise SystemExit(2) from None
+
 
 class Trainer:
     """Builds everything from a ``PretrainConfig`` and runs ``train()``.
