@@ -136,6 +136,9 @@ class FineTuner(Trainer):
         model.wav2vec2.set_activation_checkpointing(m.activation_checkpointing)
         return model
 
+    def model_recipe(self, model: Wav2Vec2ForCTC) -> tuple[type, tuple]:
+        return type(model), (model.cfg, model.vocab)
+
     def encoder_model(self) -> Wav2Vec2Model:
         return self.model.wav2vec2
 

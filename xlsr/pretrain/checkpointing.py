@@ -8,28 +8,34 @@
 | ``model``, ``model_config`` | model state dict; ``Wav2Vec2Config.to_dict()`` |
 | ``optimizer``, ``scaler`` | AdamW and fp16 ``GradScaler`` state dicts |
 | ``num_updates``, ``epoch``, ``batches_done_in_epoch`` | where the run is: updates made, epoch (from 1), this rank's batches of the epoch done (padding batches included) |
+| ``world_size``, ``strategy`` | how many ranks wrote it, ddp or fsdp (resuming elsewhere converts the epoch position) |
 | ``rng`` | ``torch``, ``cuda``, ``numpy``, ``python`` generator states |
 | ``config`` | the resolved ``PretrainConfig`` as a plain dict |
 
 The Gumbel temperature and the LR are functions of ``num_updates``, so they resume with it.
+
+With ``distributed.strategy=fsdp`` a checkpoint is a folder ``checkpoint_<update>/`` instead, each rank writing its
+shard (``sharded_checkpoints.py``); both kinds resume in either strategy and at any world size.
 """
 
 from __future__ import annotations
 
 import random
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from xlsr.checkpoints import CheckpointError, safe_torch_load
 from xlsr.checkpoints.training import TRAINING_CHECKPOINT_MARK, is_training_checkpoint
 from xlsr.files import write_atomic
 
-_NAME = re.compile(r"^checkpoint_(\d+)\.pt$")
+_NAME = re.compile(r"^checkpoint_(\d+)(\.pt)?$")  # a file checkpoint_<N>.pt or a sharded folder checkpoint_<N>
 
 
 def save_atomic(state: dict[str, Any], path: str | Path) -> Path:
@@ -41,22 +47,34 @@ def checkpoint_path(directory: str | Path, num_updates: int) -> Path:
     return Path(directory) / f"checkpoint_{num_updates}.pt"
 
 
+def sharded_checkpoint_path(directory: str | Path, num_updates: int) -> Path:
+    return Path(directory) / f"checkpoint_{num_updates}"
+
+
 def list_checkpoints(directory: str | Path) -> list[Path]:
-    """Complete checkpoints in ``directory``, oldest first (temporary files are ignored)."""
+    """Complete checkpoints in ``directory`` (files and sharded folders), oldest first (temporary ones ignored)."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
+    found = [(int(m.group(1)), p) for p in directory.iterdir()
+             if (m := _NAME.match(p.name)) and p.is_dir() != bool(m.group(2))]
     return [p for _, p in sorted(found)]
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def prune(directory: str | Path, keep_last: int) -> None:
-    """Delete all but the newest ``keep_last`` checkpoints (and stale temporary files)."""
+    """Delete all but the newest ``keep_last`` checkpoints (and stale temporary files and folders)."""
     if keep_last > 0:
         for old in list_checkpoints(directory)[:-keep_last]:
-            old.unlink(missing_ok=True)
-    for stale in Path(directory).glob("checkpoint_*.pt.tmp"):
-        stale.unlink(missing_ok=True)
+            _remove(old)
+    for stale in Path(directory).glob("checkpoint_*.tmp"):
+        _remove(stale)
 
 
 # What a run writes into its output_dir (besides hydra's own folder): moved aside together by archive_previous_run.
@@ -98,15 +116,25 @@ def training_state(
     epoch: int, batches_done_in_epoch: int, config: dict[str, Any],
 ) -> dict[str, Any]:
     """The checkpoint dict of the table above."""
+    state = progress_state(model.cfg.to_dict(), scaler, num_updates=num_updates, epoch=epoch,
+                           batches_done_in_epoch=batches_done_in_epoch, config=config)
+    return {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+
+
+def progress_state(
+    model_config: dict[str, Any], scaler: torch.amp.GradScaler, *, num_updates: int, epoch: int,
+    batches_done_in_epoch: int, config: dict[str, Any],
+) -> dict[str, Any]:
+    """The table's entries other than ``model`` and ``optimizer`` (a sharded checkpoint's ``trainer_state.pt``)."""
     return {
         TRAINING_CHECKPOINT_MARK: 1,
-        "model": model.state_dict(),
-        "model_config": model.cfg.to_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model_config": model_config,
         "scaler": scaler.state_dict(),
         "num_updates": num_updates,
         "epoch": epoch,
         "batches_done_in_epoch": batches_done_in_epoch,
+        "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+        "strategy": (config.get("distributed") or {}).get("strategy", "ddp"),
         "rng": {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
@@ -123,6 +151,11 @@ def restore_training_state(
     """Load a checkpoint dict into model, optimizer, scaler and the RNGs; returns (num_updates, epoch, batches)."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    return restore_progress(state, scaler)
+
+
+def restore_progress(state: dict[str, Any], scaler: torch.amp.GradScaler) -> tuple[int, int, int]:
+    """Load a checkpoint dict's scaler and RNG states; returns (num_updates, epoch, batches done in the epoch)."""
     scaler.load_state_dict(state["scaler"])
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
@@ -134,7 +167,13 @@ def restore_training_state(
 
 
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
-    """A checkpoint ``python -m xlsr.pretrain`` wrote; CheckpointError (naming the file) for anything else."""
+    """A checkpoint ``python -m xlsr.pretrain`` wrote; CheckpointError (naming the file) for anything else.
+
+    A sharded folder is verified and its trainer state returned with ``sharded_path`` (collective: every rank)."""
+    if Path(path).is_dir():
+        from xlsr.pretrain.sharded_checkpoints import read_sharded_checkpoint
+
+        return read_sharded_checkpoint(Path(path))
     state = safe_torch_load(path)
     if not is_training_checkpoint(state):
         raise CheckpointError(f"{path}: not a training checkpoint of xlsr.pretrain (resume needs one)")

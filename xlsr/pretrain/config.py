@@ -129,6 +129,15 @@ class DistributedConfig:
     timeout_minutes: int = 30
     """Timeout of collective operations (``init_process_group``'s ``timeout``), in minutes."""
 
+    strategy: str = "ddp"
+    """ddp: every rank holds the whole model, optimizer state and gradients (DistributedDataParallel); fsdp: each
+    rank holds 1/N of them (FSDP2 ``fully_shard`` per transformer layer, xlsr/pretrain/sharding.py) and writes only
+    its shard of each checkpoint. For XLS-R 1B / 2B. fairseq: ``distributed_training.ddp_backend`` (fully_sharded)."""
+
+    shard_group_size: int = 0
+    """With ``strategy=fsdp``: shard within groups of this many consecutive ranks (one node: its GPU count) and
+    replicate across groups (hybrid sharding); 0 = shard over all ranks."""
+
 
 @dataclass
 class CheckpointConfig:

@@ -104,7 +104,8 @@ def optimizer_step(
     for p in params:
         if p.grad is not None:
             p.grad.mul_(scale)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip_norm or float("inf")))
+    norm = torch.nn.utils.clip_grad_norm_(params, clip_norm or float("inf"))
+    grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
     scale_before = scaler.get_scale() if scaler.is_enabled() else 1.0
     scaler.step(optimizer)
     scaler.update()

@@ -1,4 +1,4 @@
-"""The pretraining loop: one process on a CPU up to many GPUs and nodes with ``torchrun`` (DDP).
+"""The pretraining loop: one process on a CPU up to many GPUs and nodes with ``torchrun`` (DDP or FSDP).
 
 Every batch of every epoch trains, in every layout. The epoch's batch list is the same on every rank; rank r of K
 takes batches r, r + K, ...; when K does not divide the batch count, the ranks left without one in the last round
@@ -8,6 +8,9 @@ Randomness is tied to the data, not to the process layout: before each micro-bat
 (seed, epoch, global batch index), and LayerDrop decisions are drawn once per update (the same for every
 micro-batch and rank). So one process with ``optim.update_freq=K`` and K ranks train the same batches with the
 same masks, negatives, dropout and layers, and a resumed run continues exactly.
+
+``distributed.strategy=fsdp`` shards parameters, gradients and optimizer state over the ranks (``sharding.py``) and
+writes sharded checkpoints (``sharded_checkpoints.py``); the loop is the same.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -24,6 +28,7 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.nn.parallel import DistributedDataParallel
 
 from xlsr.config import Wav2Vec2Config
@@ -33,6 +38,16 @@ from xlsr.pretrain.config import PretrainConfig
 from xlsr.pretrain.data import build_dataloader, set_loader_epoch
 from xlsr.pretrain.loss import compute_loss
 from xlsr.pretrain.metrics import MetricsLog, StepTotals, stats_to_record
+from xlsr.pretrain.sharded_checkpoints import load_full_into, load_sharded_into, save_sharded
+from xlsr.pretrain.sharding import (
+    STRATEGIES,
+    build_on_rank0,
+    device_mesh,
+    gather_full_state_dict,
+    load_from_rank0,
+    shard_model,
+    unsharded_copy,
+)
 from xlsr.pretrain.optim import (
     StepInBackward,
     attach_step_in_backward,
@@ -89,6 +104,12 @@ class Trainer:
 
     def __init__(self, cfg: PretrainConfig):
         self.cfg = cfg
+        if cfg.distributed.strategy not in STRATEGIES:
+            raise ValueError(f"distributed.strategy must be one of {STRATEGIES}, got {cfg.distributed.strategy!r}")
+        self.sharded = cfg.distributed.strategy == "fsdp"
+        if cfg.precision not in _DTYPES:
+            raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {cfg.precision!r}")
+        self.autocast_dtype = _DTYPES[cfg.precision]
         self.rank, self.world_size, local_rank = self._init_distributed()
         self.is_main = self.rank == 0
         self.device = self._pick_device(local_rank)
@@ -98,23 +119,24 @@ class Trainer:
         self.checkpoint_dir = self.output_dir / cfg.checkpoint.dir
 
         torch.manual_seed(cfg.seed)
-        self.model = self.build_model().to(self.device)
-        self.model_cfg: Wav2Vec2Config = self.encoder_config()
-        if cfg.model.compile:
-            self.encoder_model().compile_encoder(dynamic=True)  # batch lengths vary: one graph for all of them
         self.ddp_model = None
-        if self.world_size > 1:
-            self.ddp_model = DistributedDataParallel(
-                self.model, device_ids=[local_rank] if self.device.type == "cuda" else None,
-                find_unused_parameters=self.find_unused_parameters(),
-            )
+        if self.sharded:
+            self._build_sharded_model()
+        else:
+            self.model = self.build_model().to(self.device)
+            self.model_cfg: Wav2Vec2Config = self.encoder_config()
+            if cfg.model.compile:
+                self.encoder_model().compile_encoder(dynamic=True)  # batch lengths vary: one graph for all of them
+            if self.world_size > 1:
+                self.ddp_model = DistributedDataParallel(
+                    self.model, device_ids=[local_rank] if self.device.type == "cuda" else None,
+                    find_unused_parameters=self.find_unused_parameters(),
+                )
         self.forward_model = self.ddp_model if self.ddp_model is not None else self.model
-        if cfg.precision not in _DTYPES:
-            raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {cfg.precision!r}")
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optim, self.device)
         self.step_in_backward = self._attach_step_in_backward()
-        self.autocast_dtype = _DTYPES[cfg.precision]
-        self.scaler = torch.amp.GradScaler(
+        scaler_class = ShardedGradScaler if self.sharded else torch.amp.GradScaler  # sharded: inf checks all-reduced
+        self.scaler = scaler_class(
             self.device.type, init_scale=cfg.optim.fp16_init_scale, enabled=cfg.precision == "fp16"
         )
 
@@ -144,6 +166,11 @@ class Trainer:
     # ------------------------------------------------------------------ the task (overridden by fine-tuning)
     def build_model(self) -> torch.nn.Module:
         return build_model(self.cfg)
+
+    def model_recipe(self, model: torch.nn.Module) -> tuple[type, tuple]:
+        """(class, constructor arguments) that build ``model``'s architecture (FSDP: the other ranks build it on
+        the meta device; the final ``model/`` is saved from it)."""
+        return type(model), (model.cfg,)
 
     def encoder_model(self) -> Wav2Vec2Model:
         """The ``Wav2Vec2Model`` inside the trained model (the model itself here)."""
@@ -183,14 +210,37 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _init_distributed(self) -> tuple[int, int, int]:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size == 1:
+        if world_size == 1 and not self.sharded:
             return 0, 1, 0
         backend = self.cfg.distributed.backend
         if backend == "auto":
             backend = "nccl" if torch.cuda.is_available() and self.cfg.device != "cpu" else "gloo"
         if not dist.is_initialized():
-            dist.init_process_group(backend, timeout=timedelta(minutes=self.cfg.distributed.timeout_minutes))
+            timeout = timedelta(minutes=self.cfg.distributed.timeout_minutes)
+            if "MASTER_ADDR" in os.environ:  # torchrun
+                dist.init_process_group(backend, timeout=timeout)
+            else:  # FSDP in one process without torchrun: a group of one
+                rendezvous = Path(tempfile.mkdtemp(prefix="xlsr-fsdp-")) / "rendezvous"
+                dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=0, world_size=1,
+                                        timeout=timeout)
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+    def _build_sharded_model(self) -> None:
+        """FSDP: the model built on rank 0 (the others on the meta device), sharded, rank 0's weights sent out."""
+        cfg = self.cfg
+        self.model, full_state = build_on_rank0(self.build_model, self.model_recipe, self.rank)
+        self.model_recipe_args = self.model_recipe(self.model)
+        self.model_cfg = self.encoder_config()
+        encoder = self.encoder_model()
+        encoder.set_activation_checkpointing(cfg.model.activation_checkpointing)
+        if cfg.model.compile:
+            encoder.compile_encoder(dynamic=True)
+        mesh = device_mesh(self.world_size, cfg.distributed.shard_group_size, self.device.type)
+        shard_model(self.model, encoder.encoder.layers, mesh, self.autocast_dtype)
+        load_from_rank0(self.model, full_state, self.device)
+        if self.is_main:
+            shards = "all ranks" if mesh.ndim == 1 else f"groups of {mesh.size(1)}, replicated {mesh.size(0)}x"
+            logger.info("fsdp: %d ranks, sharded over %s", self.world_size, shards)
 
     def _pick_device(self, local_rank: int) -> torch.device:
         choice = self.cfg.device
@@ -206,6 +256,8 @@ class Trainer:
             return None
         o = self.cfg.optim
         conflicts = step_in_backward_conflicts(self.world_size, o.update_freq, o.clip_norm, self.cfg.precision)
+        if self.sharded:
+            conflicts.append("distributed.strategy=fsdp")
         if conflicts:
             raise ValueError("optim.step_in_backward=true cannot be combined with " + "; ".join(conflicts))
         return attach_step_in_backward(self.optimizer, self.model.parameters(), self.device)
@@ -223,12 +275,45 @@ class Trainer:
             config=OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True),
         )
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.num_updates, self.epoch, self.batches_done_in_epoch = checkpointing.restore_training_state(
-            state, self.model, self.optimizer, self.scaler
+    def _progress_state(self) -> dict[str, Any]:
+        """A sharded checkpoint's ``trainer_state.pt``: everything but model and optimizer."""
+        return checkpointing.progress_state(
+            self.model.cfg.to_dict(), self.scaler, num_updates=self.num_updates, epoch=self.epoch,
+            batches_done_in_epoch=self.batches_done_in_epoch,
+            config=OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True),
         )
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """A checkpoint of either kind (``.pt`` or sharded folder) into this run's model, of either strategy."""
+        if "sharded_path" in state:  # torch.distributed.checkpoint reshards to this run's layout
+            load_sharded_into(self.model, self.optimizer, state["sharded_path"])
+        elif self.sharded:  # a full checkpoint (memory-mapped on every rank): each rank keeps its shards
+            load_full_into(self.model, self.optimizer, state["model"], state["optimizer"])
+        else:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.num_updates, self.epoch, batches_done = checkpointing.restore_progress(state, self.scaler)
+        self.batches_done_in_epoch = self._rank_position(batches_done, state)
+
+    def _rank_position(self, batches_done: int, state: dict[str, Any]) -> int:
+        """This rank's batches done in the epoch, from a checkpoint written by ``state["world_size"]`` ranks."""
+        saved_world = int(state.get("world_size", self.world_size))
+        saved_strategy = state.get("strategy", "ddp")
+        if (saved_world, saved_strategy) != (self.world_size, self.cfg.distributed.strategy) and self.is_main:
+            logger.warning("resuming a checkpoint of %d rank(s) (%s) on %d rank(s) (%s)", saved_world,
+                           saved_strategy, self.world_size, self.cfg.distributed.strategy)
+        if saved_world == self.world_size:
+            return batches_done
+        global_done = batches_done * saved_world  # mid-epoch every round before was complete
+        position, repeated = divmod(global_done, self.world_size)
+        if repeated and self.is_main:
+            logger.warning("epoch %d: %d batches done is not a multiple of %d ranks: the last %d are trained again",
+                           self.epoch, global_done, self.world_size, repeated)
+        return position
+
     def save_checkpoint(self) -> Path | None:
+        if self.sharded:
+            return self._save_sharded_checkpoint()
         path = None
         if self.is_main:
             path = checkpointing.save_atomic(
@@ -239,6 +324,29 @@ class Trainer:
         self._saved_update = self.num_updates
         self._barrier()
         return path
+
+    def _save_sharded_checkpoint(self) -> Path:
+        path = checkpointing.sharded_checkpoint_path(self.checkpoint_dir, self.num_updates)
+        state = self._progress_state() if self.is_main else {}
+        save_sharded(self.model, self.optimizer, state, path, self.rank)
+        if self.is_main:
+            checkpointing.prune(self.checkpoint_dir, self.cfg.checkpoint.keep_last)
+            logger.info("saved %s (%d shards)", path, self.world_size)
+        self._saved_update = self.num_updates
+        self._barrier()
+        return path
+
+    def save_final_model(self) -> None:
+        """``output_dir/model``: a ``save_pretrained`` folder (FSDP: gathered on rank 0, a tensor at a time)."""
+        out = self.output_dir / "model"
+        if not self.sharded:
+            if self.is_main:
+                self.model.save_pretrained(out)
+            return
+        full_state = gather_full_state_dict(self.model)
+        if self.is_main:
+            unsharded_copy(self.model_recipe_args, full_state).save_pretrained(out)
+        self._barrier()
 
     def _resume_or_start_fresh(self) -> None:
         """``checkpoint.resume``: auto = continue this output_dir's run from its newest readable checkpoint;
@@ -336,7 +444,7 @@ class Trainer:
             self.save_checkpoint()
         if self.is_main:
             logger.info("stopped at update %d: %s", self.num_updates, reason)
-            self.model.save_pretrained(self.output_dir / "model")
+        self.save_final_model()
         self.metrics.close()
         return last
 
@@ -416,9 +524,9 @@ class Trainer:
         for micro_step, (global_index, batch) in enumerate(group):
             weight = 1.0
             if batch is None:  # an empty padding batch, or every file of the batch was unreadable
-                if self.ddp_model is None:
+                if self.world_size == 1:
                     continue
-                batch, weight = self._dummy(), 0.0  # DDP: this rank must still join the gradient all-reduce
+                batch, weight = self._dummy(), 0.0  # this rank must still join the collectives (DDP, FSDP)
             else:
                 self._epoch_data_batches += 1
                 if self._dummy_batch is None:
@@ -490,6 +598,10 @@ class Trainer:
             if self.cfg.max_valid_batches and index >= self.cfg.max_valid_batches:
                 break
             if batch is None:
+                if self.sharded:  # the other ranks' forwards all-gather parameters with this one
+                    source, padding_mask = self._to_device(self._dummy())
+                    with self._autocast():
+                        self.forward_and_loss(self.model, self._dummy(), source, padding_mask, None)
                 continue
             torch.manual_seed(_batch_seed(self.cfg.seed, 0, index * self.world_size + self.rank))
             source, padding_mask = self._to_device(batch)

@@ -1,0 +1,187 @@
+"""Fully sharded training (``distributed.strategy=fsdp``) on 2 gloo ranks: the same training as one process, exact
+resume from sharded checkpoints, resuming at another world size and strategy, bf16 + activation checkpointing,
+damaged shards."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import xlsr
+from test_pretrain import (  # noqa: F401 (speech, few: fixtures)
+    SPEECH_BATCHING,
+    chance_accuracy,
+    few,
+    overrides,
+    run_in_process,
+    run_torchrun,
+    speech,
+    train_losses,
+    train_records,
+)
+from xlsr.pretrain.config import compose_config
+
+REPO = Path(__file__).resolve().parents[1]
+COMMON = ("optim.max_update=6", "checkpoint.save_interval_updates=3", "checkpoint.keep_last=0", "optim.clip_norm=1.0",
+          "distributed.backend=gloo", "device=cpu", "threads=1", *SPEECH_BATCHING)  # 7 batches per epoch
+FSDP = "distributed.strategy=fsdp"
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    """The run's consolidated ``model/`` folder, read as a user would."""
+    return xlsr.Wav2Vec2Model.from_pretrained(out / "model").state_dict()
+
+
+def worst_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def run_module(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m xlsr.pretrain`` in one process (FSDP then makes a process group of one)."""
+    result = subprocess.run([sys.executable, "-m", "xlsr.pretrain", *args], cwd=REPO, capture_output=True,
+                            text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(speech, tmp_path_factory):  # noqa: F811
+    """6 updates with FSDP on 2 ranks across an epoch boundary, sharded checkpoints at updates 3 and 6."""
+    out = tmp_path_factory.mktemp("fsdp") / "run"
+    run_torchrun(overrides(speech, out, *COMMON, FSDP), port=29541)
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_run(speech, tmp_path_factory):  # noqa: F811
+    """The same 6 updates in one process with update_freq=2 (DDP's and FSDP's reference), .pt checkpoints."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    trainer = run_in_process(compose_config(overrides(speech, out, *COMMON, "optim.update_freq=2")))
+    assert trainer.epoch == 2 and trainer.train_loader.batch_sampler.total_batches == 7
+    return out
+
+
+def test_fsdp_writes_one_shard_per_rank_and_a_consolidated_model(fsdp_run):
+    folder = fsdp_run / "checkpoints" / "checkpoint_6"
+    names = {p.name for p in folder.iterdir()}
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata", "trainer_state.pt", "shards.json"} <= names
+    listed = json.loads((folder / "shards.json").read_text())["files"]
+    assert set(listed) == names - {"shards.json"}
+    # each rank wrote about half of the model + optimizer, not all of it
+    sizes = [(folder / f"__{rank}_0.distcp").stat().st_size for rank in (0, 1)]
+    total_params = sum(v.numel() for v in final_weights(fsdp_run).values())
+    full_bytes = 3 * 4 * total_params  # fp32 weights + AdamW's two moments
+    assert all(0.35 * full_bytes < size < 0.65 * full_bytes for size in sizes), (sizes, full_bytes)
+    assert not list((fsdp_run / "checkpoints").glob("*.tmp"))
+
+
+@pytest.mark.parametrize("layerdrop,shard_group_size", [(0.0, 0), (0.5, 0), (0.0, 1)])
+def test_fsdp_matches_one_process_with_gradient_accumulation(speech, single_run, fsdp_run, tmp_path,  # noqa: F811
+                                                             layerdrop, shard_group_size):
+    """Also with LayerDrop (the same layers skipped on both ranks), and hybrid sharding (a 2 x 1 mesh: shards of
+    one rank, replicated twice). Gradient clipping acts on the norm of the sharded gradients."""
+    if layerdrop or shard_group_size:
+        extra = (f"model.encoder_layerdrop={layerdrop}",)
+        single = tmp_path / "single"
+        run_in_process(compose_config(overrides(speech, single, *COMMON, "optim.update_freq=2", *extra)))
+        sharded = tmp_path / "fsdp"
+        run_torchrun(overrides(speech, sharded, *COMMON, FSDP, *extra,
+                               f"distributed.shard_group_size={shard_group_size}"), port=29543 + shard_group_size)
+    else:
+        single, sharded = single_run, fsdp_run
+    assert worst_difference(final_weights(single), final_weights(sharded)) <= 1e-5
+    for a, b in zip(train_records(single), train_records(sharded), strict=True):
+        assert a["update"] == b["update"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+    assert list(train_losses(sharded)) == [1, 2, 3, 4, 5, 6]
+    assert any(r["grad_norm"] > 1.0 for r in train_records(sharded))  # clip_norm=1.0 did clip
+
+
+def test_fsdp_resume_reproduces_the_uninterrupted_run(speech, fsdp_run, tmp_path):  # noqa: F811
+    out = tmp_path / "stopped"
+    run_torchrun(overrides(speech, out, *COMMON, FSDP, "stop_at_update=3"), port=29545)
+    assert (out / "checkpoints" / "checkpoint_3").is_dir()
+    run_torchrun(overrides(speech, out, *COMMON, FSDP), port=29546)  # resume=auto
+    a, b = final_weights(fsdp_run), final_weights(out)
+    assert all(torch.equal(a[k], b[k]) for k in a), worst_difference(a, b)
+    assert train_losses(out) == train_losses(fsdp_run)
+
+
+def copy_run_until(run: Path, update: int, dest: Path) -> Path:
+    """A copy of ``run`` as it was at ``update``: its checkpoints up to then and its metrics lines."""
+    dest.mkdir(parents=True)
+    (dest / "checkpoints").mkdir()
+    for ckpt in (run / "checkpoints").iterdir():
+        if int(ckpt.name.split("_")[1].split(".")[0]) <= update:
+            (shutil.copytree if ckpt.is_dir() else shutil.copy)(ckpt, dest / "checkpoints" / ckpt.name)
+    lines = [line for line in (run / "metrics.jsonl").read_text().splitlines() if json.loads(line)["update"] <= update]
+    (dest / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return dest
+
+
+def test_sharded_checkpoint_resumes_on_one_rank(speech, fsdp_run, tmp_path):  # noqa: F811
+    """2 ranks (fsdp) -> 1 process (fsdp: a group of one, and ddp: no process group), update_freq=2."""
+    for strategy in ("fsdp", "ddp"):
+        out = copy_run_until(fsdp_run, 3, tmp_path / strategy)
+        result = run_module(overrides(speech, out, *COMMON, f"distributed.strategy={strategy}", "optim.update_freq=2"))
+        assert "resuming a checkpoint of 2 rank(s) (fsdp) on 1 rank(s)" in result.stdout + result.stderr
+        assert worst_difference(final_weights(fsdp_run), final_weights(out)) <= 1e-5
+        assert list(train_losses(out)) == [1, 2, 3, 4, 5, 6]
+
+
+def test_sharded_checkpoint_resumes_with_ddp_and_ddp_checkpoint_with_fsdp(speech, single_run, fsdp_run,  # noqa: F811
+                                                                          tmp_path):
+    out = copy_run_until(fsdp_run, 3, tmp_path / "to_ddp")
+    result = run_torchrun(overrides(speech, out, *COMMON, "distributed.strategy=ddp"), port=29547)
+    assert "(fsdp) on 2 rank(s) (ddp)" in result.stdout + result.stderr
+    assert worst_difference(final_weights(fsdp_run), final_weights(out)) <= 1e-5
+    assert (out / "checkpoints" / "checkpoint_6.pt").is_file()  # DDP writes its own kind from then on
+
+    out = copy_run_until(single_run, 3, tmp_path / "to_fsdp")  # a .pt checkpoint of one process
+    result = run_torchrun(overrides(speech, out, *COMMON, FSDP), port=29548)
+    assert "checkpoint of 1 rank(s) (ddp) on 2 rank(s) (fsdp)" in result.stdout + result.stderr
+    assert worst_difference(final_weights(single_run), final_weights(out)) <= 1e-5
+
+
+def test_damaged_shard_is_named_and_auto_resume_takes_the_one_before(speech, fsdp_run, tmp_path):  # noqa: F811
+    out = copy_run_until(fsdp_run, 6, tmp_path / "damaged")
+    shard = out / "checkpoints" / "checkpoint_6" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    explicit = run_module(overrides(speech, tmp_path / "other", *COMMON, FSDP,
+                                    f"checkpoint.resume={shard.parent}"), check=False)
+    assert explicit.returncode == 2 and f"{shard}: damaged" in explicit.stdout + explicit.stderr
+    missing = out / "checkpoints" / "checkpoint_3" / "__0_0.distcp"
+    result = run_module(overrides(speech, out, *COMMON, FSDP, "optim.update_freq=2", "optim.max_update=7"))
+    assert f"{shard}: damaged" in result.stdout + result.stderr and "resumed from" in result.stdout + result.stderr
+    assert "checkpoint_3 at update 3" in result.stdout + result.stderr
+    assert (out / "checkpoints" / "checkpoint_6.unreadable").is_dir()
+    assert list(train_losses(out)) == [1, 2, 3, 4, 5, 6, 7]
+    missing.unlink()
+    shutil.rmtree(out / "checkpoints" / "checkpoint_7")
+    shutil.rmtree(out / "checkpoints" / "checkpoint_6")
+    again = run_module(overrides(speech, out, *COMMON, FSDP, f"checkpoint.resume={missing.parent}"), check=False)
+    assert again.returncode == 2 and f"{missing}: missing" in again.stdout + again.stderr
+
+
+def test_bf16_and_activation_checkpointing_train_under_fsdp(few, tmp_path):  # noqa: F811
+    """The tone corpus the tiny model learns (test_pretrain's ``few``), 2 files per rank and update."""
+    out = tmp_path / "bf16"
+    run_torchrun(overrides(few, out, "distributed.backend=gloo", "device=cpu", "threads=1", FSDP, "precision=bf16",
+                           "model.activation_checkpointing=true", "data.max_tokens=48000", "optim.max_update=50",
+                           "checkpoint.save_interval_updates=100"), port=29549)
+    losses = list(train_losses(out).values())
+    assert len(losses) == 50 and all(map(math.isfinite, losses))
+    assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.1, losses
+    accuracy = np.mean([r["accuracy"] for r in train_records(out)[-10:]])
+    assert accuracy > 4 * chance_accuracy(), accuracy
