@@ -7,6 +7,7 @@ One command:
     python benchmarks/bench.py --quick         # fewer repetitions (still writes RESULTS.md unless --no-write)
     python benchmarks/bench.py --workloads train-fp32,infer-bf16 --reps 9
     python benchmarks/bench.py --device cuda   # GPU: MFU of the bf16 train step, 15 s crops, batch that fills memory
+    python benchmarks/bench.py --strategy ddp,fsdp [--device cuda] [--nproc N]   # the trainer: memory per rank, MFU
 
 CPU mode
     1. A matmul ceiling: torch.matmul on large square matrices, fp32 and bf16, at ``--threads`` threads.
@@ -44,6 +45,7 @@ Code: this file is the command line and the CPU mode's loop (workloads, interlea
     op_profile.py  ``--profile``: torch.profiler self CPU time per op group
     report.py      console lines, Markdown tables, RESULTS.md / results.json / RESULTS_<device>.md
     mfu.py         GPU mode: batch search, MFU worker and table
+    strategies.py  ``--strategy``: the real trainer under DDP / FSDP on N ranks (torchrun), memory per rank, MFU
 """
 
 from __future__ import annotations
@@ -69,6 +71,8 @@ from flops import workload_flops  # noqa: E402
 from impls import CTC_VOCAB, fairseq_importable, make_inputs  # noqa: E402
 from machine import LoadMeter, ceiling_main, machine_description, measure_ceiling  # noqa: E402
 from mfu import mfu_mode, mfu_worker_main  # noqa: E402
+from strategies import add_arguments as add_strategy_arguments  # noqa: E402
+from strategies import strategies_mode  # noqa: E402
 from report import format_row_text, results_table, write_results  # noqa: E402
 from workers import Worker, worker_env, worker_main  # noqa: E402
 
@@ -189,14 +193,19 @@ def main(argv=None) -> None:
                         help="environment setting for every worker, e.g. MALLOC_TRIM_THRESHOLD_=68719476736")
     parser.add_argument("--profile", action="store_true", help="also profile one repetition of each (op groups)")
     parser.add_argument("--no-write", dest="write", action="store_false", help="don't write RESULTS.md")
-    parser.add_argument("--crop", type=float, default=15.0, help="MFU mode: crop length, s")
-    parser.add_argument("--batch", type=int, default=0, help="MFU mode: batch size (0 = largest that fits)")
+    parser.add_argument("--strategy", default=None,
+                        help="ddp, fsdp or ddp,fsdp: the trainer under each strategy on --nproc ranks (strategies.py)")
+    parser.add_argument("--crop", type=float, default=None,
+                        help="MFU mode: crop length, s (default 15); --strategy: seconds per utterance (default 2)")
+    parser.add_argument("--batch", type=int, default=0,
+                        help="MFU mode: batch size (0 = largest that fits); --strategy: per rank (0 = 2)")
     parser.add_argument("--max-batch", type=int, default=512, help="MFU mode: upper bound of the batch search")
     parser.add_argument("--checkpointing", action="store_true", help="MFU mode: activation checkpointing")
     parser.add_argument("--peak-tflops", type=float, default=None, help="MFU mode: device peak bf16 TFLOP/s")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--ceiling-worker", help=argparse.SUPPRESS)
     parser.add_argument("--mfu-worker", help=argparse.SUPPRESS)
+    add_strategy_arguments(parser.add_argument_group("--strategy mode"))
     args = parser.parse_args(argv)
 
     # a child process (workers.py): run its part and answer on stdout
@@ -207,6 +216,11 @@ def main(argv=None) -> None:
     if args.mfu_worker:
         return mfu_worker_main(json.loads(args.mfu_worker))
 
+    if args.strategy:
+        args.crop = args.crop or 2.0
+        args.batch = args.batch or 2
+        return strategies_mode(args)
+    args.crop = args.crop or 15.0
     if args.impls is None:
         args.impls = "ours,hf" + (",fairseq" if fairseq_importable(args.fairseq_path) else "")
     args.impls = [i for i in args.impls.split(",") if i]

@@ -185,3 +185,18 @@ def test_bf16_and_activation_checkpointing_train_under_fsdp(few, tmp_path):  # n
     assert np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.1, losses
     accuracy = np.mean([r["accuracy"] for r in train_records(out)[-10:]])
     assert accuracy > 4 * chance_accuracy(), accuracy
+
+
+def test_sharded_folders_are_listed_pruned_and_their_temporary_folders_ignored(tmp_path):
+    from xlsr.pretrain import checkpointing
+
+    for update in (3, 6, 9):
+        (tmp_path / f"checkpoint_{update}").mkdir()
+        (tmp_path / f"checkpoint_{update}" / "shards.json").write_text("{}")
+    (tmp_path / "checkpoint_12.tmp").mkdir()  # a save that crashed
+    (tmp_path / "checkpoint_2.pt").write_bytes(b"x")  # an earlier DDP checkpoint of the same run
+    (tmp_path / "checkpoint_5").write_bytes(b"x")  # neither kind: a file without .pt
+    names = [p.name for p in checkpointing.list_checkpoints(tmp_path)]
+    assert names == ["checkpoint_2.pt", "checkpoint_3", "checkpoint_6", "checkpoint_9"]
+    checkpointing.prune(tmp_path, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_5", "checkpoint_6", "checkpoint_9"]

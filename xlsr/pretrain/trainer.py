@@ -55,6 +55,7 @@ from xlsr.pretrain.optim import (
     gradient_scale,
     optimizer_step,
     polynomial_decay_lr,
+    return_large_blocks_to_os,
     set_lr,
     step_in_backward_conflicts,
 )
@@ -228,6 +229,8 @@ class Trainer:
     def _build_sharded_model(self) -> None:
         """FSDP: the model built on rank 0 (the others on the meta device), sharded, rank 0's weights sent out."""
         cfg = self.cfg
+        if self.device.type == "cpu":  # layers' parameters and gradients are gathered and freed all the time
+            return_large_blocks_to_os()
         self.model, full_state = build_on_rank0(self.build_model, self.model_recipe, self.rank)
         self.model_recipe_args = self.model_recipe(self.model)
         self.model_cfg = self.encoder_config()
