@@ -8,8 +8,9 @@ without activation checkpointing (the numbers behind README's memory plan).
 One process, CPU, fp32, random weights, one utterance. For each length: the bytes of every tensor the training
 forward and loss (masks, quantizer, negatives) save for backward, counted exactly through autograd's
 saved-tensor hooks (parameters excluded); with checkpointing, plus each layer's input, which checkpointing keeps.
-Per frame (20 ms) = the slope between the two lengths (what does not grow with length cancels). Independent of the strategy: DDP and FSDP keep the same activations (FSDP frees each layer's gathered
-parameters after its forward). bf16 autocast keeps most of them in bf16: about half (not measured here).
+Per frame (20 ms) = the slope between the two lengths (what does not grow with length cancels). Independent of the
+strategy: DDP and FSDP keep the same activations (FSDP frees each layer's gathered parameters after its forward).
+bf16 autocast keeps most of them in bf16: about half (not measured here).
 """
 
 from __future__ import annotations

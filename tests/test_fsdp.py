@@ -200,3 +200,21 @@ def test_sharded_folders_are_listed_pruned_and_their_temporary_folders_ignored(t
     assert names == ["checkpoint_2.pt", "checkpoint_3", "checkpoint_6", "checkpoint_9"]
     checkpointing.prune(tmp_path, keep_last=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_5", "checkpoint_6", "checkpoint_9"]
+
+
+def test_from_pretrained_reads_a_sharded_checkpoint_folder(fsdp_run):
+    """A sharded folder is a pretrained checkpoint too (model.init_from, from_pretrained), read in one process."""
+    model = xlsr.Wav2Vec2Model.from_pretrained(fsdp_run / "checkpoints" / "checkpoint_6")
+    final = final_weights(fsdp_run)
+    assert all(torch.equal(value, final[key]) for key, value in model.state_dict().items())
+    assert model.checkpoint_info["num_updates"] == 6
+
+
+def test_fp16_under_fsdp_scales_the_loss_on_every_rank(speech, tmp_path):  # noqa: F811
+    out = tmp_path / "fp16"
+    run_torchrun(overrides(speech, out, "distributed.backend=gloo", "device=cpu", "threads=1", *SPEECH_BATCHING,
+                           FSDP, "precision=fp16", "optim.max_update=3", "optim.clip_norm=1.0"), port=29550)
+    records = train_records(out)
+    assert [r["update"] for r in records] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)
+    assert records[0]["loss_scale"] == 128.0  # the sharded scaler is active, from optim.fp16_init_scale

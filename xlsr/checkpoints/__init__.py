@@ -26,11 +26,14 @@ __all__ = ["CheckpointError", "safe_torch_load", "detect_format", "read_checkpoi
 
 
 def detect_format(path: str | Path) -> str:
-    """'native', 'native_ctc' (our Wav2Vec2ForCTC) or 'huggingface' (directories), 'fairseq' (a ``.pt`` file:
-    fairseq's or our training checkpoint)."""
+    """'native', 'native_ctc' (our Wav2Vec2ForCTC) or 'huggingface' (directories), 'sharded-training' (a folder
+    ``python -m xlsr.pretrain distributed.strategy=fsdp`` wrote), 'fairseq' (a ``.pt`` file: fairseq's or our
+    training checkpoint)."""
     path = Path(path)
     if path.is_dir():
         config_file = path / "config.json"
+        if (path / "trainer_state.pt").is_file() and not config_file.is_file():
+            return "sharded-training"
         if not config_file.is_file():
             raise CheckpointError(f"{path}: directory without config.json (expected our or a Hugging Face export)")
         model_type = read_json_object(config_file).get("model_type")
@@ -60,7 +63,14 @@ def read_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[Wav2Ve
 
         return read_huggingface(path)
     from xlsr.checkpoints.fairseq import read_fairseq_checkpoint
-    from xlsr.checkpoints.training import is_training_checkpoint, read_training_checkpoint
+    from xlsr.checkpoints.training import (
+        is_training_checkpoint,
+        read_sharded_training_checkpoint,
+        read_training_checkpoint,
+    )
+
+    if fmt == "sharded-training":
+        return read_sharded_training_checkpoint(path)
 
     checkpoint = safe_torch_load(path, map_location)
     if is_training_checkpoint(checkpoint):

@@ -101,9 +101,11 @@ def _problems(path: Path, files: dict[str, list[int]], names: list[str]) -> list
     return problems
 
 
-def verify_sharded(path: Path) -> None:
-    """Check every file of the checkpoint folder against ``shards.json`` (collective when distributed: rank r checks
-    files r, r + K, ...); CheckpointError naming the bad file(s)."""
+def verify_sharded(path: Path, collective: bool = True) -> None:
+    """Check every file of the checkpoint folder against ``shards.json``; CheckpointError naming the bad file(s).
+    ``collective`` (when distributed): every rank calls it and rank r checks files r, r + K, ...; else this process
+    checks all."""
+    collective = collective and _distributed()
     manifest = path / SHARDS
     try:
         files = json.loads(manifest.read_text())["files"]
@@ -111,9 +113,10 @@ def verify_sharded(path: Path) -> None:
         problems = [f"{manifest}: unreadable ({err}): the checkpoint is incomplete"]
     else:
         names = sorted(files)
-        rank, world = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+        rank, world = (dist.get_rank(), dist.get_world_size()) if collective else (0, 1)
         problems = _problems(path, files, names[rank::world])
-    problems = [p for part in _gather(problems) for p in part]
+    if collective:
+        problems = [p for part in _gather(problems) for p in part]
     if problems:
         raise CheckpointError("; ".join(problems))
 
@@ -138,6 +141,30 @@ def load_sharded_into(model: nn.Module, optimizer: torch.optim.Optimizer, path: 
     except Exception as err:  # noqa: BLE001 - a file that passed the CRC check but does not fit this model
         raise CheckpointError(f"{path}: cannot load its model/optimizer into this run ({err})") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a folder :func:`save_sharded` wrote."""
+    return (Path(path) / SHARDS).is_file() and (Path(path) / TRAINER_STATE).is_file()
+
+
+def read_sharded_model(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
+    """The whole model of a sharded checkpoint folder in this process (no process group used, whatever the world
+    size that wrote it): (model config dict, state dict, trainer state). For ``from_pretrained``."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    path = Path(path)
+    verify_sharded(path, collective=False)
+    state = safe_torch_load(path / TRAINER_STATE)
+    if not is_training_checkpoint(state):
+        raise CheckpointError(f"{path / TRAINER_STATE}: not a training checkpoint of xlsr")
+    entries = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    model = {key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
+             for key, meta in entries.items()
+             if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+    dcp.load({"model": model}, checkpoint_id=str(path), no_dist=True)
+    return state["model_config"], model, state
 
 
 def load_full_into(
