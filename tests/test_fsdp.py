@@ -19,6 +19,7 @@ from test_pretrain import (  # noqa: F401 (speech, few: fixtures)
     chance_accuracy,
     few,
     overrides,
+    read_metrics,
     run_in_process,
     run_torchrun,
     speech,
@@ -218,3 +219,18 @@ def test_fp16_under_fsdp_scales_the_loss_on_every_rank(speech, tmp_path):  # noq
     assert [r["update"] for r in records] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)
     assert records[0]["loss_scale"] == 128.0  # the sharded scaler is active, from optim.fp16_init_scale
+
+
+def test_another_number_of_ranks_continues_at_the_first_untrained_batch(speech, tmp_path):  # noqa: F811
+    """1 process stopped after 3 of the epoch's 7 batches, resumed on 2 ranks: they take batches 3-6 (3 and 5, 4 and
+    6), exactly what one process with update_freq=2 does from there; every batch of the epoch trains once."""
+    first = tmp_path / "first"
+    run_in_process(compose_config(overrides(speech, first, *COMMON, "stop_at_update=3")))  # update_freq=1
+    two = copy_run_until(first, 3, tmp_path / "two")
+    result = run_torchrun(overrides(speech, two, *COMMON, FSDP), port=29551)
+    assert "epoch 1 continues at its batch 3" in result.stdout + result.stderr
+    one = copy_run_until(first, 3, tmp_path / "one")
+    run_in_process(compose_config(overrides(speech, one, *COMMON, "optim.update_freq=2")))
+    assert worst_difference(final_weights(one), final_weights(two)) <= 1e-5
+    epoch_1 = [r for r in read_metrics(two) if r["split"] == "epoch" and r["epoch"] == 1]
+    assert epoch_1[-1]["complete"] and epoch_1[-1]["num_batches"] == 4  # + the first run's 3 = all 7, once each

@@ -155,6 +155,19 @@ def test_resume_reproduces_uninterrupted_run(corpus, tmp_path):
         assert torch.equal(value, resumed.model.state_dict()[key]), key
 
 
+def test_resume_from_a_checkpoint_at_the_end_of_an_epoch(speech, tmp_path):
+    """Saved after the epoch's last batch, before the epoch ended: the resumed run goes on to the next epoch (it once
+    stopped with "no batch could be loaded") and equals the uninterrupted run."""
+    common = ("optim.max_update=10", "checkpoint.save_interval_updates=7", "device=cpu", *SPEECH_BATCHING)
+    straight = run_in_process(compose_config(overrides(speech, tmp_path / "straight", *common)))
+    out = tmp_path / "stopped"
+    run_in_process(compose_config(overrides(speech, out, *common, "stop_at_update=7")))  # 7 batches = 1 epoch
+    resumed = run_in_process(compose_config(overrides(speech, out, *common)))
+    assert resumed.num_updates == 10 and resumed.epoch == 2
+    for key, value in straight.model.state_dict().items():
+        assert torch.equal(value, resumed.model.state_dict()[key]), key
+
+
 def final_parameters(out: Path, update: int) -> dict:
     return torch.load(out / "checkpoints" / f"checkpoint_{update}.pt", weights_only=False)["model"]
 

@@ -7,8 +7,8 @@
 | ``xlsr_training_checkpoint`` | 1: marks the file as ours (``from_pretrained`` reads its model too) |
 | ``model``, ``model_config`` | model state dict; ``Wav2Vec2Config.to_dict()`` |
 | ``optimizer``, ``scaler`` | AdamW and fp16 ``GradScaler`` state dicts |
-| ``num_updates``, ``epoch``, ``batches_done_in_epoch`` | where the run is: updates made, epoch (from 1), this rank's batches of the epoch done (padding batches included) |
-| ``world_size``, ``strategy`` | how many ranks wrote it, ddp or fsdp (resuming elsewhere converts the epoch position) |
+| ``num_updates``, ``epoch``, ``batches_done_in_epoch``, ``epoch_offset`` | where the run is: updates made, epoch (from 1), this rank's batches of the epoch done (padding batches included) after the epoch's first ``epoch_offset`` global batches (trained before a resume with another number of ranks; usually 0) |
+| ``world_size``, ``strategy`` | how many ranks wrote it, ddp or fsdp (resuming with another number of ranks continues at the epoch's first untrained batch) |
 | ``rng`` | ``torch``, ``cuda``, ``numpy``, ``python`` generator states |
 | ``config`` | the resolved ``PretrainConfig`` as a plain dict |
 
@@ -113,17 +113,17 @@ def archive_previous_run(output_dir: str | Path, checkpoint_dir: str | Path) -> 
 
 def training_state(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *, num_updates: int,
-    epoch: int, batches_done_in_epoch: int, config: dict[str, Any],
+    epoch: int, batches_done_in_epoch: int, epoch_offset: int = 0, config: dict[str, Any],
 ) -> dict[str, Any]:
     """The checkpoint dict of the table above."""
     state = progress_state(model.cfg.to_dict(), scaler, num_updates=num_updates, epoch=epoch,
-                           batches_done_in_epoch=batches_done_in_epoch, config=config)
+                           batches_done_in_epoch=batches_done_in_epoch, epoch_offset=epoch_offset, config=config)
     return {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
 
 
 def progress_state(
     model_config: dict[str, Any], scaler: torch.amp.GradScaler, *, num_updates: int, epoch: int,
-    batches_done_in_epoch: int, config: dict[str, Any],
+    batches_done_in_epoch: int, epoch_offset: int = 0, config: dict[str, Any],
 ) -> dict[str, Any]:
     """The table's entries other than ``model`` and ``optimizer`` (a sharded checkpoint's ``trainer_state.pt``)."""
     return {
@@ -133,6 +133,7 @@ def progress_state(
         "num_updates": num_updates,
         "epoch": epoch,
         "batches_done_in_epoch": batches_done_in_epoch,
+        "epoch_offset": epoch_offset,
         "world_size": dist.get_world_size() if dist.is_initialized() else 1,
         "strategy": (config.get("distributed") or {}).get("strategy", "ddp"),
         "rng": {

@@ -455,7 +455,8 @@ class LengthBatchSampler(Sampler[list[int]]):
     multiple of ``num_replicas``, so every rank has as many steps and no batch is lost.
 
     Iteration yields this rank's batches from position ``start`` (set in the constructor or
-    ``set_epoch``, or passed to ``__iter__``) to resume an epoch exactly.
+    ``set_epoch``, or passed to ``__iter__``) to resume an epoch exactly. ``skip_global`` (``set_epoch``) drops the
+    epoch's first batches before sharding: those an earlier run with another number of ranks trained.
     """
 
     def __init__(
@@ -483,9 +484,13 @@ class LengthBatchSampler(Sampler[list[int]]):
         self.required_batch_size_multiple = required_batch_size_multiple
         self.set_epoch(epoch, sizes, start=start)
 
-    def set_epoch(self, epoch: int, sizes: Optional[Sequence[int] | np.ndarray] = None, start: int = 0) -> None:
-        """Select ``epoch`` (and the dataset's sizes for it, if they changed); iterate from ``start``."""
+    def set_epoch(
+        self, epoch: int, sizes: Optional[Sequence[int] | np.ndarray] = None, start: int = 0, skip_global: int = 0
+    ) -> None:
+        """Select ``epoch`` (and the dataset's sizes for it, if they changed); iterate from ``start``, after the
+        epoch's first ``skip_global`` batches (global, before sharding)."""
         self.epoch = epoch
+        self.skip_global = skip_global
         if sizes is not None:
             self.sizes = np.asarray(sizes, dtype=np.int64)
             too_long = np.flatnonzero(self.sizes > self.max_tokens)
@@ -538,13 +543,17 @@ class LengthBatchSampler(Sampler[list[int]]):
 
     def _build_rank_batches(self) -> list[list[int]]:
         batches = self.global_batches()
+        if not 0 <= self.skip_global <= len(batches):
+            raise ValueError(f"skip_global={self.skip_global} is outside this epoch's {len(batches)} batches")
+        batches = batches[self.skip_global :]
         rounds = -(-len(batches) // self.num_replicas)  # ceil: the last round may be short of batches
         batches = batches + [[] for _ in range(rounds * self.num_replicas - len(batches))]
         return batches[self.rank :: self.num_replicas]
 
     @property
     def total_batches(self) -> int:
-        """Batches of this rank in the whole epoch (ignoring ``start``), empty padding batches included."""
+        """Batches of this rank in the epoch after ``skip_global`` (ignoring ``start``), empty padding batches
+        included."""
         return len(self._rank_batches)
 
     def __len__(self) -> int:
@@ -627,9 +636,10 @@ def batched_loader(dataset, cfg, *, seed: int, epoch: int, rank: int, world_size
     )
 
 
-def set_loader_epoch(loader: DataLoader, epoch: int, start_batch: int = 0) -> None:
-    """Move a loader from :func:`build_dataloader` to ``epoch``, iterating from ``start_batch``."""
+def set_loader_epoch(loader: DataLoader, epoch: int, start_batch: int = 0, skip_global: int = 0) -> None:
+    """Move a loader from :func:`build_dataloader` to ``epoch``, iterating from ``start_batch`` after the epoch's
+    first ``skip_global`` batches (``LengthBatchSampler.set_epoch``)."""
     dataset: AudioDataset = loader.dataset
     sampler: LengthBatchSampler = loader.batch_sampler
     dataset.set_epoch(epoch)
-    sampler.set_epoch(epoch, dataset.sizes, start=start_batch)
+    sampler.set_epoch(epoch, dataset.sizes, start=start_batch, skip_global=skip_global)

@@ -143,7 +143,8 @@ class Trainer:
 
         self.num_updates = 0
         self.epoch = 1
-        self.batches_done_in_epoch = 0  # per rank, padding batches included
+        self.batches_done_in_epoch = 0  # per rank after epoch_offset, padding batches included
+        self.epoch_offset = 0  # the epoch's global batches trained by an earlier run with another number of ranks
         self.layerdrop_generator = torch.Generator()
         self.metrics = MetricsLog(self.output_dir, enabled=self.is_main, tensorboard=cfg.tensorboard)
         self._saved_update = -1  # the update of the newest checkpoint on disk for this run
@@ -155,7 +156,10 @@ class Trainer:
         self.metrics.open()
         self.model.set_num_updates(self.num_updates)
 
-        self.train_loader = self.build_loader(cfg.data.manifest, epoch=self.epoch, start_batch=self.batches_done_in_epoch)
+        self.train_loader = self.build_loader(cfg.data.manifest, epoch=self.epoch,
+                                              start_batch=self.batches_done_in_epoch)
+        if self.epoch_offset:
+            set_loader_epoch(self.train_loader, self.epoch, self.batches_done_in_epoch, skip_global=self.epoch_offset)
         self.valid_loader = None
         if cfg.data.valid_manifest:
             self.valid_loader = self.build_loader(cfg.data.valid_manifest, epoch=1, shuffle=False)
@@ -274,7 +278,7 @@ class Trainer:
         """The training checkpoint (layout in ``checkpointing.py``)."""
         return checkpointing.training_state(
             self.model, self.optimizer, self.scaler, num_updates=self.num_updates, epoch=self.epoch,
-            batches_done_in_epoch=self.batches_done_in_epoch,
+            batches_done_in_epoch=self.batches_done_in_epoch, epoch_offset=self.epoch_offset,
             config=OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True),
         )
 
@@ -282,7 +286,7 @@ class Trainer:
         """A sharded checkpoint's ``trainer_state.pt``: everything but model and optimizer."""
         return checkpointing.progress_state(
             self.model.cfg.to_dict(), self.scaler, num_updates=self.num_updates, epoch=self.epoch,
-            batches_done_in_epoch=self.batches_done_in_epoch,
+            batches_done_in_epoch=self.batches_done_in_epoch, epoch_offset=self.epoch_offset,
             config=OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True),
         )
 
@@ -296,23 +300,23 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         self.num_updates, self.epoch, batches_done = checkpointing.restore_progress(state, self.scaler)
-        self.batches_done_in_epoch = self._rank_position(batches_done, state)
+        self.batches_done_in_epoch, self.epoch_offset = self._epoch_position(batches_done, state)
 
-    def _rank_position(self, batches_done: int, state: dict[str, Any]) -> int:
-        """This rank's batches done in the epoch, from a checkpoint written by ``state["world_size"]`` ranks."""
+    def _epoch_position(self, batches_done: int, state: dict[str, Any]) -> tuple[int, int]:
+        """(this rank's batches done after the offset, the epoch's offset) from a checkpoint written by
+        ``state["world_size"]`` ranks: with another number of ranks the epoch continues at the first global batch
+        not yet trained, every rank from there."""
         saved_world = int(state.get("world_size", self.world_size))
         saved_strategy = state.get("strategy", "ddp")
-        if (saved_world, saved_strategy) != (self.world_size, self.cfg.distributed.strategy) and self.is_main:
-            logger.warning("resuming a checkpoint of %d rank(s) (%s) on %d rank(s) (%s)", saved_world,
-                           saved_strategy, self.world_size, self.cfg.distributed.strategy)
-        if saved_world == self.world_size:
-            return batches_done
-        global_done = batches_done * saved_world  # mid-epoch every round before was complete
-        position, repeated = divmod(global_done, self.world_size)
-        if repeated and self.is_main:
-            logger.warning("epoch %d: %d batches done is not a multiple of %d ranks: the last %d are trained again",
-                           self.epoch, global_done, self.world_size, repeated)
-        return position
+        offset = int(state.get("epoch_offset", 0))
+        if (saved_world, saved_strategy) == (self.world_size, self.cfg.distributed.strategy):
+            return batches_done, offset
+        global_done = offset + batches_done * saved_world  # every round before the position was complete
+        if self.is_main:
+            logger.warning("resuming a checkpoint of %d rank(s) (%s) on %d rank(s) (%s): epoch %d continues at its "
+                           "batch %d", saved_world, saved_strategy, self.world_size, self.cfg.distributed.strategy,
+                           self.epoch, global_done)
+        return 0, global_done
 
     def save_checkpoint(self) -> Path | None:
         if self.sharded:
@@ -388,7 +392,7 @@ class Trainer:
         position = self.batches_done_in_epoch
         group: list[tuple[int, dict | None]] = []
         for batch in self.train_loader:
-            group.append((position * self.world_size + self.rank, batch))
+            group.append((self.epoch_offset + position * self.world_size + self.rank, batch))
             position += 1
             if len(group) == self.cfg.optim.update_freq:
                 yield group
@@ -416,6 +420,7 @@ class Trainer:
         last: dict[str, Any] = {}
         while (reason := self._stop_reason(start_time)) is None:  # one pass = (the rest of) one epoch
             self._epoch_data_batches = 0
+            batches_left = self.batches_done_in_epoch < self.train_loader.batch_sampler.total_batches
             for group in self._update_groups():
                 # 1. forward + backward of each micro-batch, then the optimizer update
                 record = self.train_step(group)
@@ -435,7 +440,8 @@ class Trainer:
                     break
             # 3. the epoch's summary line; the next epoch if this one is done
             complete = self.batches_done_in_epoch >= self.train_loader.batch_sampler.total_batches
-            if complete and self._epoch_data_batches == 0 and self.epoch_totals.values["num_batches"] == 0:
+            loaded_none = self._epoch_data_batches == 0 and not self.epoch_totals.values["num_batches"]
+            if batches_left and complete and loaded_none:
                 raise RuntimeError(f"epoch {self.epoch}: no batch of {cfg.data.manifest} could be loaded")
             self._end_epoch(complete)
         # 4. the end: last update logged, a checkpoint of it, the final model
@@ -489,6 +495,7 @@ class Trainer:
             self.validate()
         self.epoch += 1
         self.batches_done_in_epoch = 0
+        self.epoch_offset = 0
         set_loader_epoch(self.train_loader, self.epoch)
 
     def _autocast(self):
