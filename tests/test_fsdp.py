@@ -234,3 +234,16 @@ def test_another_number_of_ranks_continues_at_the_first_untrained_batch(speech, 
     assert worst_difference(final_weights(one), final_weights(two)) <= 1e-5
     epoch_1 = [r for r in read_metrics(two) if r["split"] == "epoch" and r["epoch"] == 1]
     assert epoch_1[-1]["complete"] and epoch_1[-1]["num_batches"] == 4  # + the first run's 3 = all 7, once each
+
+
+def test_compiled_layers_with_layerdrop_and_checkpointing_under_fsdp(speech, tmp_path):  # noqa: F811
+    """model.compile + LayerDrop + activation checkpointing + FSDP train as the same run without compile does
+    (no dropout: compiled dropout draws other random numbers)."""
+    settings = ("distributed.backend=gloo", "device=cpu", "threads=1", *SPEECH_BATCHING, FSDP, "optim.max_update=3",
+                "model.encoder_layerdrop=0.3", "model.activation_checkpointing=true", "model.dropout=0.0",
+                "model.attention_dropout=0.0", "model.activation_dropout=0.0")
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    run_torchrun(overrides(speech, eager, *settings), port=29552)
+    run_torchrun(overrides(speech, compiled, *settings, "model.compile=true"), port=29553)
+    assert worst_difference(final_weights(eager), final_weights(compiled)) <= 1e-4
+    assert list(train_losses(compiled)) == [1, 2, 3]
