@@ -110,9 +110,11 @@ def test_transcribe_command(digits, tmp_path):
 @pytest.mark.parametrize("strategy,layerdrop", [("ddp", 0.0), ("ddp", 0.5), ("fsdp", 0.5)])
 def test_two_processes_match_gradient_accumulation(digits, tmp_path, strategy, layerdrop):
     """2 gloo ranks (DDP, or FSDP: sharded) == 1 process with update_freq=2 across an epoch boundary (frozen conv
-    stack; with LayerDrop the decisions are the update's, the same for both micro-batches and both ranks)."""
+    stack; with LayerDrop the decisions are the update's, the same for both micro-batches and both ranks), and
+    their validation (7 batches: one rank has an empty last one, FSDP then runs a dummy forward) gives the same."""
     common = ("optim.max_update=4", "checkpoint.save_interval_updates=4", "distributed.backend=gloo", "device=cpu",
-              "threads=1", "data.max_tokens=50000", f"model.layerdrop={layerdrop}")  # 7 batches per epoch
+              "threads=1", "data.max_tokens=50000", f"model.layerdrop={layerdrop}",  # 7 batches per epoch
+              f"data.valid_manifest={digits[0]}", "validate_interval_updates=2")
     single = run(compose_config(overrides(digits, tmp_path / "single", *common, "optim.update_freq=2")))
     assert single.train_loader.batch_sampler.total_batches % 2 == 1 and single.epoch > 1
     two = tmp_path / strategy
@@ -125,6 +127,10 @@ def test_two_processes_match_gradient_accumulation(digits, tmp_path, strategy, l
     a, b = load(tmp_path / "single"), load(two)
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= 1e-5, worst
+    valid_single, valid_two = records(tmp_path / "single", "valid"), records(two, "valid")
+    assert [r["update"] for r in valid_single] == [r["update"] for r in valid_two] == [2, 4]
+    for x, y in zip(valid_single, valid_two):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and (x["wer"], x["cer"]) == (y["wer"], y["cer"])
 
 
 @pytest.mark.parametrize("command", ["xlsr.finetune", "xlsr.pretrain"])
