@@ -100,7 +100,7 @@ class Trainer:
 
     What is particular to pretraining sits in the methods of the "task" section (model, data, loss, totals,
     schedule, health checks); ``xlsr.finetune.trainer.FineTuner`` overrides them for CTC and keeps the rest:
-    the loop, DDP, mixed precision, checkpoints and exact resume.
+    the loop, DDP / FSDP, mixed precision, checkpoints and exact resume.
     """
 
     def __init__(self, cfg: PretrainConfig):
@@ -120,19 +120,13 @@ class Trainer:
         self.checkpoint_dir = self.output_dir / cfg.checkpoint.dir
 
         torch.manual_seed(cfg.seed)
-        self.ddp_model = None
+        self.model: torch.nn.Module
+        self.model_cfg: Wav2Vec2Config
+        self.ddp_model: DistributedDataParallel | None = None
         if self.sharded:
             self._build_sharded_model()
         else:
-            self.model = self.build_model().to(self.device)
-            self.model_cfg: Wav2Vec2Config = self.encoder_config()
-            if cfg.model.compile:
-                self.encoder_model().compile_encoder(dynamic=True)  # batch lengths vary: one graph for all of them
-            if self.world_size > 1:
-                self.ddp_model = DistributedDataParallel(
-                    self.model, device_ids=[local_rank] if self.device.type == "cuda" else None,
-                    find_unused_parameters=self.find_unused_parameters(),
-                )
+            self._build_replicated_model(local_rank)
         self.forward_model = self.ddp_model if self.ddp_model is not None else self.model
         self.optimizer = build_optimizer(self.model.parameters(), cfg.optim, self.device)
         self.step_in_backward = self._attach_step_in_backward()
@@ -163,7 +157,7 @@ class Trainer:
         self.valid_loader = None
         if cfg.data.valid_manifest:
             self.valid_loader = self.build_loader(cfg.data.valid_manifest, epoch=1, shuffle=False)
-        self._dummy_batch: dict | None = None  # what a rank without a batch runs at zero weight (DDP)
+        self._dummy_batch: dict | None = None  # what a rank without a batch runs at zero weight (DDP, FSDP)
         self.epoch_totals = self.new_totals()  # this epoch's updates, for the end-of-epoch line
         self._epoch_updates = 0
         self._epoch_data_batches = 0  # batches with data this rank ran in this pass over the epoch
@@ -230,13 +224,25 @@ class Trainer:
                                         timeout=timeout)
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
 
+    def _build_replicated_model(self, local_rank: int) -> None:
+        """DDP (or one process): the whole model on every rank."""
+        self.model = self.build_model().to(self.device)
+        self.model_cfg = self.encoder_config()
+        if self.cfg.model.compile:
+            self.encoder_model().compile_encoder(dynamic=True)  # batch lengths vary: one graph for all of them
+        if self.world_size > 1:
+            self.ddp_model = DistributedDataParallel(
+                self.model, device_ids=[local_rank] if self.device.type == "cuda" else None,
+                find_unused_parameters=self.find_unused_parameters(),
+            )
+
     def _build_sharded_model(self) -> None:
         """FSDP: the model built on rank 0 (the others on the meta device), sharded, rank 0's weights sent out."""
         cfg = self.cfg
         if self.device.type == "cpu":  # layers' parameters and gradients are gathered and freed all the time
             return_large_blocks_to_os()
         self.model, full_state = build_on_rank0(self.build_model, self.model_recipe, self.rank)
-        self.model_recipe_args = self.model_recipe(self.model)
+        self._recipe = self.model_recipe(self.model)
         self.model_cfg = self.encoder_config()
         encoder = self.encoder_model()
         encoder.set_activation_checkpointing(cfg.model.activation_checkpointing)
@@ -352,7 +358,7 @@ class Trainer:
             return
         full_state = gather_full_state_dict(self.model)
         if self.is_main:
-            unsharded_copy(self.model_recipe_args, full_state).save_pretrained(out)
+            unsharded_copy(self._recipe, full_state).save_pretrained(out)
         self._barrier()
 
     def _resume_or_start_fresh(self) -> None:
