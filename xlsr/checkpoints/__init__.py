@@ -19,6 +19,7 @@ from torch import nn
 from xlsr.checkpoints.errors import CheckpointError
 from xlsr.checkpoints.files import read_json_object
 from xlsr.checkpoints.safe_loading import safe_torch_load
+from xlsr.checkpoints.training import is_sharded_training_checkpoint
 from xlsr.config import Wav2Vec2Config
 
 __all__ = ["CheckpointError", "safe_torch_load", "detect_format", "read_checkpoint", "load_pretrained",
@@ -32,7 +33,7 @@ def detect_format(path: str | Path) -> str:
     path = Path(path)
     if path.is_dir():
         config_file = path / "config.json"
-        if (path / "trainer_state.pt").is_file() and not config_file.is_file():
+        if not config_file.is_file() and is_sharded_training_checkpoint(path):
             return "sharded-training"
         if not config_file.is_file():
             raise CheckpointError(f"{path}: directory without config.json (expected our or a Hugging Face export)")

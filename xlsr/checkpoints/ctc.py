@@ -31,13 +31,14 @@ from xlsr.checkpoints.huggingface import (
     CONFIG_NAME,
     PREPROCESSOR_NAME,
     SAFETENSORS_NAME,
-    config_from_huggingface,
     config_to_huggingface,
     preprocessor_to_huggingface,
+    read_huggingface_config,
     read_weights,
     state_dict_from_huggingface,
     state_dict_to_huggingface,
 )
+from xlsr.checkpoints.native import read_native_config
 from xlsr.checkpoints.safe_loading import safe_torch_load
 from xlsr.config import Wav2Vec2Config
 
@@ -248,14 +249,8 @@ def read_huggingface_ctc(path: Path) -> Read:
     """An HF ``Wav2Vec2ForCTC`` directory -> (CTCConfig, our state, vocab, info)."""
     from xlsr.ctc import CTCConfig
 
+    encoder_cfg, hf_config, _ = read_huggingface_config(path)
     config_file = path / CONFIG_NAME
-    hf_config = read_json_object(config_file)
-    preprocessor_file = path / PREPROCESSOR_NAME
-    preprocessor = read_json_object(preprocessor_file) if preprocessor_file.is_file() else None
-    try:
-        encoder_cfg = config_from_huggingface(hf_config, preprocessor)
-    except CheckpointError as err:
-        raise CheckpointError(f"{config_file}: {err}") from None
     hf_state, files = read_weights(path)
     head = {k: v for k, v in hf_state.items() if k.startswith(HEAD)}
     if set(head) != {HEAD + "weight", HEAD + "bias"}:
@@ -305,13 +300,7 @@ def read_native_ctc(path: Path) -> Read:
     from xlsr.checkpoints.files import read_safetensors
     from xlsr.ctc import CTCConfig
 
-    config_file = path / CONFIG_NAME
-    values = read_json_object(config_file)
-    values.pop("model_type", None)
-    try:
-        cfg = CTCConfig.from_dict(values)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{config_file}: {err}") from None
+    cfg = read_native_config(path / CONFIG_NAME, CTCConfig)
     vocab_file = path / VOCAB_NAME
     if not vocab_file.is_file():
         raise CheckpointError(f"{path}: missing {VOCAB_NAME}")

@@ -402,9 +402,10 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     )
 
 
-def read_huggingface(path: str | Path) -> tuple[Wav2Vec2Config, dict[str, torch.Tensor], dict]:
-    """Read an HF wav2vec 2.0 directory -> (config, our state dict, info)."""
-    path = Path(path)
+def read_huggingface_config(path: Path) -> tuple[Wav2Vec2Config, dict[str, Any], dict[str, Any] | None]:
+    """An HF directory's ``config.json`` (+ ``preprocessor_config.json`` where present) -> (our config, the HF
+    config and preprocessor config as read, the latter None when absent); problems are CheckpointErrors naming
+    the file."""
     config_file = path / CONFIG_NAME
     if not config_file.is_file():
         raise CheckpointError(f"{path}: missing {CONFIG_NAME}")
@@ -412,9 +413,15 @@ def read_huggingface(path: str | Path) -> tuple[Wav2Vec2Config, dict[str, torch.
     preprocessor_file = path / PREPROCESSOR_NAME
     preprocessor = read_json_object(preprocessor_file) if preprocessor_file.is_file() else None
     try:
-        config = config_from_huggingface(hf_config, preprocessor)
+        return config_from_huggingface(hf_config, preprocessor), hf_config, preprocessor
     except CheckpointError as err:
         raise CheckpointError(f"{config_file}: {err}") from None
+
+
+def read_huggingface(path: str | Path) -> tuple[Wav2Vec2Config, dict[str, torch.Tensor], dict]:
+    """Read an HF wav2vec 2.0 directory -> (config, our state dict, info)."""
+    path = Path(path)
+    config, hf_config, preprocessor = read_huggingface_config(path)
     hf_state, files = read_weights(path)
     state_dict = state_dict_from_huggingface(hf_state, path, config)
     info: dict[str, Any] = {"format": "huggingface", "weights": files}

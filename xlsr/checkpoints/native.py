@@ -26,16 +26,21 @@ def save_native(model: nn.Module, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def read_native(path: str | Path) -> tuple[Wav2Vec2Config, dict[str, torch.Tensor], dict]:
-    """Read one of our directories -> (config, state dict, info)."""
-    path = Path(path)
-    config_file = path / "config.json"
+def read_native_config(config_file: Path, config_class: type = Wav2Vec2Config):
+    """Our ``config.json`` -> ``config_class.from_dict`` of its fields (``model_type`` dropped); a bad field is a
+    CheckpointError naming the file."""
     values = read_json_object(config_file)
     values.pop("model_type", None)
     try:
-        config = Wav2Vec2Config.from_dict(values)
+        return config_class.from_dict(values)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{config_file}: {err}") from None
+
+
+def read_native(path: str | Path) -> tuple[Wav2Vec2Config, dict[str, torch.Tensor], dict]:
+    """Read one of our directories -> (config, state dict, info)."""
+    path = Path(path)
+    config = read_native_config(path / "config.json")
     weights = path / WEIGHTS_NAME
     if not weights.is_file():
         raise CheckpointError(f"{path}: missing {WEIGHTS_NAME}")

@@ -34,10 +34,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from xlsr.checkpoints import CheckpointError, safe_torch_load
+from xlsr.checkpoints.training import SHARDED_MANIFEST as SHARDS
+from xlsr.checkpoints.training import SHARDED_TRAINER_STATE as TRAINER_STATE
 from xlsr.checkpoints.training import is_training_checkpoint
-
-TRAINER_STATE = "trainer_state.pt"
-SHARDS = "shards.json"
 
 
 def _distributed() -> bool:
@@ -141,11 +140,6 @@ def load_sharded_into(model: nn.Module, optimizer: torch.optim.Optimizer, path: 
     except Exception as err:  # noqa: BLE001 - a file that passed the CRC check but does not fit this model
         raise CheckpointError(f"{path}: cannot load its model/optimizer into this run ({err})") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
-
-
-def is_sharded_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` is a folder :func:`save_sharded` wrote."""
-    return (Path(path) / SHARDS).is_file() and (Path(path) / TRAINER_STATE).is_file()
 
 
 def read_sharded_model(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
