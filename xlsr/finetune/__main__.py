@@ -20,13 +20,10 @@ register_configs()
 @hydra.main(config_path=str(CONF_DIR), config_name="finetune", version_base=None)
 def main(cfg: DictConfig) -> None:
     from xlsr.finetune.trainer import FineTuner
-    from xlsr.pretrain.trainer import build_or_exit
+    from xlsr.pretrain.trainer import run_command
 
     config: FineTuneConfig = OmegaConf.to_object(cfg)
-    trainer = build_or_exit(FineTuner, config)
-    if trainer.is_main:
-        logging.getLogger("xlsr.finetune").info("writing to %s", trainer.output_dir.resolve())
-    trainer.train()
+    run_command(FineTuner, config, logging.getLogger("xlsr.finetune"))
 
 
 if __name__ == "__main__":

@@ -18,13 +18,10 @@ register_configs()
 
 @hydra.main(config_path=str(CONF_DIR), config_name="pretrain", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from xlsr.pretrain.trainer import Trainer, build_or_exit
+    from xlsr.pretrain.trainer import Trainer, run_command
 
     config: PretrainConfig = OmegaConf.to_object(cfg)
-    trainer = build_or_exit(Trainer, config)
-    if trainer.is_main:
-        logging.getLogger("xlsr.pretrain").info("writing to %s", trainer.output_dir.resolve())
-    trainer.train()
+    run_command(Trainer, config, logging.getLogger("xlsr.pretrain"))
 
 
 if __name__ == "__main__":

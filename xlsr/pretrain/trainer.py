@@ -84,15 +84,25 @@ def build_model(cfg: PretrainConfig) -> Wav2Vec2Model:
     return model
 
 
-def build_or_exit(trainer_class: type["Trainer"], cfg) -> "Trainer":
-    """``trainer_class(cfg)`` for a command line: bad input found while setting up (a missing manifest, label or
-    checkpoint file, an unreadable file, a wrong setting) ends the program with its one-line message (exit code 2)
-    instead of a traceback. Errors during training still raise."""
+def run_command(trainer_class: type["Trainer"], cfg, log: logging.Logger) -> None:
+    """``trainer_class(cfg).train()`` for a command line (``python -m xlsr.pretrain`` / ``xlsr.finetune``).
+
+    Bad input found while setting up (a missing manifest, label or checkpoint file, an unreadable file, a wrong
+    setting) ends the program with its one-line message (exit code 2) instead of a traceback; errors during
+    training still raise. The process group is destroyed on the way out (a gloo group left to the interpreter's
+    exit can abort it: "terminate called without an active exception", exit code 134)."""
     try:
-        return trainer_class(cfg)
-    except (OSError, ValueError) as err:  # FileNotFoundError, CheckpointError, LabelError, AudioError, ...
-        logger.error("%s", err)
-        raise SystemExit(2) from None
+        try:
+            trainer = trainer_class(cfg)
+        except (OSError, ValueError) as err:  # FileNotFoundError, CheckpointError, LabelError, AudioError, ...
+            logger.error("%s", err)
+            raise SystemExit(2) from None
+        if trainer.is_main:
+            log.info("writing to %s", trainer.output_dir.resolve())
+        trainer.train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 class Trainer:
