@@ -175,6 +175,28 @@ def test_damaged_shard_is_named_and_auto_resume_takes_the_one_before(speech, fsd
     assert again.returncode == 2 and f"{missing}: missing" in again.stdout + again.stderr
 
 
+FAILING_TRAINER = """
+import logging, sys
+from xlsr.pretrain.config import compose_config
+from xlsr.pretrain.trainer import Trainer, run_command
+
+class Failing(Trainer):
+    def train(self):
+        raise RuntimeError("a failure in the training loop")
+
+run_command(Failing, compose_config(sys.argv[1:]), logging.getLogger("xlsr.pretrain"))
+"""
+
+
+def test_an_error_in_training_under_a_process_group_exits_1_with_its_traceback(speech, tmp_path):  # noqa: F811
+    """run_command ends a process with a group by os._exit (no interpreter shut-down): the error still shows."""
+    result = subprocess.run([sys.executable, "-c", FAILING_TRAINER, *overrides(speech, tmp_path, *COMMON, FSDP)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output[-3000:]
+    assert "training failed" in output and "Traceback" in output and "a failure in the training loop" in output
+    assert "terminate called" not in output
+
 def test_bf16_and_activation_checkpointing_train_under_fsdp(few, tmp_path):  # noqa: F811
     """The tone corpus the tiny model learns (test_pretrain's ``few``), 2 files per rank and update."""
     out = tmp_path / "bf16"

@@ -19,11 +19,12 @@ import contextlib
 import dataclasses
 import logging
 import os
+import sys
 import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -88,9 +89,15 @@ def run_command(trainer_class: type["Trainer"], cfg, log: logging.Logger) -> Non
     """``trainer_class(cfg).train()`` for a command line (``python -m xlsr.pretrain`` / ``xlsr.finetune``).
 
     Bad input found while setting up (a missing manifest, label or checkpoint file, an unreadable file, a wrong
-    setting) ends the program with its one-line message (exit code 2) instead of a traceback; errors during
-    training still raise. The process group is destroyed on the way out (a gloo group left to the interpreter's
-    exit can abort it: "terminate called without an active exception", exit code 134)."""
+    setting) ends the program with its one-line message (exit code 2) instead of a traceback; an error during
+    training is logged with its traceback (exit code 1).
+
+    A process that made a process group (torchrun, or FSDP in one process) ends in :func:`_exit_process`, not in
+    the interpreter's shut-down: gloo's worker threads release the tensors of the last collective after the caller
+    has its result, and a worker that needs the GIL for that while Python 3.11 shuts down is stopped inside a C++
+    destructor, which aborts the process ("terminate called without an active exception", exit code 134, whatever
+    the run's outcome; seen in 1 of ~40 error exits right after a collective on a loaded machine)."""
+    trainer = None
     try:
         try:
             trainer = trainer_class(cfg)
@@ -100,9 +107,40 @@ def run_command(trainer_class: type["Trainer"], cfg, log: logging.Logger) -> Non
         if trainer.is_main:
             log.info("writing to %s", trainer.output_dir.resolve())
         trainer.train()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    except BaseException as err:  # every way out must reach _exit_process once a group exists
+        if not dist.is_initialized():
+            raise
+        _exit_process(_exit_code(err), trainer, err)
+    if dist.is_initialized():
+        _exit_process(0, trainer)
+
+
+def _exit_process(code: int, *keep_alive: object) -> NoReturn:
+    """Destroy the process group, flush logs and streams, and end the process with ``code`` (``os._exit``).
+
+    ``keep_alive``: what may hold the group's last references (the trainer, an exception's frames); they are
+    not freed before the exit, so the group is never destructed here (that would join its worker threads while
+    this thread holds the GIL they may be waiting for)."""
+    world = dist.group.WORLD  # noqa: F841 (kept, as keep_alive is: the default group outlives its destruction)
+    dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _exit_code(err: BaseException) -> int:
+    """The exit code the interpreter would give ``err``; an error's traceback goes to the log."""
+    if isinstance(err, SystemExit):
+        if err.code is None or isinstance(err.code, int):
+            return err.code or 0
+        print(err.code, file=sys.stderr)
+        return 1
+    if isinstance(err, KeyboardInterrupt):
+        logger.error("interrupted")
+        return 130
+    logger.error("training failed", exc_info=err)
+    return 1
 
 
 class Trainer:
