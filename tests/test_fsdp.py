@@ -107,6 +107,26 @@ def test_fsdp_matches_one_process_with_gradient_accumulation(speech, single_run,
     assert any(r["grad_norm"] > 1.0 for r in train_records(sharded))  # clip_norm=1.0 did clip
 
 
+def test_two_nodes_with_hybrid_sharding_match_one_process(speech, tmp_path):  # noqa: F811
+    """README's multi-node command on one machine: 2 torchrun "nodes" x 2 processes meeting at a c10d rendezvous,
+    shards within each node (``shard_group_size=2``), replicas across them: a 2 x 2 mesh, == 1 process with
+    ``update_freq=4``."""
+    single = tmp_path / "single"
+    run_in_process(compose_config(overrides(speech, single, *COMMON, "optim.update_freq=4")))
+    out = tmp_path / "nodes"
+    node = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=2", "--rdzv-backend=c10d",
+            "--rdzv-endpoint=127.0.0.1:29556", "--rdzv-id=xlsr-test", "-m", "xlsr.pretrain",
+            *overrides(speech, out, *COMMON, FSDP, "distributed.shard_group_size=2")]
+    nodes = [subprocess.Popen(node, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outputs = [n.communicate(timeout=600)[0] for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    assert "fsdp: 4 ranks, sharded over groups of 2, replicated 2x" in "".join(outputs)
+    assert worst_difference(final_weights(single), final_weights(out)) <= 1e-5
+    for a, b in zip(train_records(single), train_records(out), strict=True):
+        assert a["update"] == b["update"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+
+
 def test_fsdp_resume_reproduces_the_uninterrupted_run(speech, fsdp_run, tmp_path):  # noqa: F811
     out = tmp_path / "stopped"
     run_torchrun(overrides(speech, out, *COMMON, FSDP, "stop_at_update=3"), port=29545)
