@@ -20,7 +20,6 @@ import dataclasses
 import logging
 import os
 import sys
-import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -266,10 +265,8 @@ class Trainer:
             timeout = timedelta(minutes=self.cfg.distributed.timeout_minutes)
             if "MASTER_ADDR" in os.environ:  # torchrun
                 dist.init_process_group(backend, timeout=timeout)
-            else:  # FSDP in one process without torchrun: a group of one
-                rendezvous = Path(tempfile.mkdtemp(prefix="xlsr-fsdp-")) / "rendezvous"
-                dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=0, world_size=1,
-                                        timeout=timeout)
+            else:  # FSDP in one process without torchrun: a group of one, its store in memory
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
 
     def _build_replicated_model(self, local_rank: int) -> None:
