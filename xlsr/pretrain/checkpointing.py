@@ -112,13 +112,10 @@ def archive_previous_run(output_dir: str | Path, checkpoint_dir: str | Path) -> 
 
 
 def training_state(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *, num_updates: int,
-    epoch: int, batches_done_in_epoch: int, epoch_offset: int = 0, config: dict[str, Any],
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, progress: dict[str, Any]
 ) -> dict[str, Any]:
-    """The checkpoint dict of the table above."""
-    state = progress_state(model.cfg.to_dict(), scaler, num_updates=num_updates, epoch=epoch,
-                           batches_done_in_epoch=batches_done_in_epoch, epoch_offset=epoch_offset, config=config)
-    return {**state, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    """The checkpoint dict of the table above: ``progress`` (:func:`progress_state`) + model and optimizer."""
+    return {**progress, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
 
 
 def progress_state(
@@ -144,15 +141,6 @@ def progress_state(
         },
         "config": config,
     }
-
-
-def restore_training_state(
-    state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler
-) -> tuple[int, int, int]:
-    """Load a checkpoint dict into model, optimizer, scaler and the RNGs; returns (num_updates, epoch, batches)."""
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    return restore_progress(state, scaler)
 
 
 def restore_progress(state: dict[str, Any], scaler: torch.amp.GradScaler) -> tuple[int, int, int]:

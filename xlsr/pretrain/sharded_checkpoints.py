@@ -120,13 +120,19 @@ def verify_sharded(path: Path, collective: bool = True) -> None:
         raise CheckpointError("; ".join(problems))
 
 
-def read_sharded_checkpoint(path: Path) -> dict[str, Any]:
-    """Verify the folder and return its trainer state, with ``sharded_path`` = the folder (model and optimizer
-    are loaded later by :func:`load_sharded_into`)."""
-    verify_sharded(path)
+def _verified_trainer_state(path: Path, collective: bool) -> dict[str, Any]:
+    """The folder's ``trainer_state.pt`` once every file passed :func:`verify_sharded`."""
+    verify_sharded(path, collective=collective)
     state = safe_torch_load(path / TRAINER_STATE)
     if not is_training_checkpoint(state):
         raise CheckpointError(f"{path / TRAINER_STATE}: not a training checkpoint of xlsr")
+    return state
+
+
+def read_sharded_checkpoint(path: Path) -> dict[str, Any]:
+    """Verify the folder and return its trainer state, with ``sharded_path`` = the folder (model and optimizer
+    are loaded later by :func:`load_sharded_into`)."""
+    state = _verified_trainer_state(path, collective=True)
     state["sharded_path"] = str(path)
     return state
 
@@ -149,10 +155,7 @@ def read_sharded_model(path: str | Path) -> tuple[dict[str, Any], dict[str, torc
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     path = Path(path)
-    verify_sharded(path, collective=False)
-    state = safe_torch_load(path / TRAINER_STATE)
-    if not is_training_checkpoint(state):
-        raise CheckpointError(f"{path / TRAINER_STATE}: not a training checkpoint of xlsr")
+    state = _verified_trainer_state(path, collective=False)
     entries = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     model = {key.removeprefix("model."): torch.empty(meta.size, dtype=meta.properties.dtype)
              for key, meta in entries.items()

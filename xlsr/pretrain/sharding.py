@@ -54,6 +54,13 @@ def shard_model(model: nn.Module, layers: nn.ModuleList, mesh: DeviceMesh, param
     fully_shard(model, mesh=mesh, mp_policy=policy)
 
 
+def build_on_meta(recipe: tuple[type, tuple]) -> nn.Module:
+    """``recipe`` = (class, constructor args) built on the meta device: the architecture, no memory."""
+    model_class, args = recipe
+    with torch.device("meta"):
+        return model_class(*args)
+
+
 def build_on_rank0(
     build: Callable[[], nn.Module], recipe: Callable[[nn.Module], tuple[type, tuple]], rank: int
 ) -> tuple[nn.Module, dict[str, torch.Tensor]]:
@@ -71,10 +78,7 @@ def build_on_rank0(
     dist.broadcast_object_list(message, src=0)
     if rank == 0:
         return model, dict(model.state_dict())
-    model_class, args = message[0]
-    with torch.device("meta"):
-        model = model_class(*args)
-    return model, {}
+    return build_on_meta(message[0]), {}
 
 
 def load_from_rank0(model: nn.Module, full_state: dict[str, torch.Tensor], device: torch.device) -> None:
@@ -94,9 +98,7 @@ def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def unsharded_copy(recipe: tuple[type, tuple], state: dict[str, torch.Tensor]) -> nn.Module:
     """A plain model (not sharded) from a recipe (class, constructor args) and a full state dict, built on the meta
     device and given ``state``'s tensors (no second copy of the weights)."""
-    model_class, args = recipe
-    with torch.device("meta"):
-        model = model_class(*args)
+    model = build_on_meta(recipe)
     model.load_state_dict(state, assign=True)
     return model
 

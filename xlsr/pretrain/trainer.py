@@ -327,14 +327,10 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         """The training checkpoint (layout in ``checkpointing.py``)."""
-        return checkpointing.training_state(
-            self.model, self.optimizer, self.scaler, num_updates=self.num_updates, epoch=self.epoch,
-            batches_done_in_epoch=self.batches_done_in_epoch, epoch_offset=self.epoch_offset,
-            config=OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True),
-        )
+        return checkpointing.training_state(self.model, self.optimizer, self._progress_state())
 
     def _progress_state(self) -> dict[str, Any]:
-        """A sharded checkpoint's ``trainer_state.pt``: everything but model and optimizer."""
+        """Everything in a checkpoint but model and optimizer (a sharded checkpoint's ``trainer_state.pt``)."""
         return checkpointing.progress_state(
             self.model.cfg.to_dict(), self.scaler, num_updates=self.num_updates, epoch=self.epoch,
             batches_done_in_epoch=self.batches_done_in_epoch, epoch_offset=self.epoch_offset,
@@ -660,9 +656,10 @@ class Trainer:
                 break
             if batch is None:
                 if self.sharded:  # the other ranks' forwards all-gather parameters with this one
-                    source, padding_mask = self._to_device(self._dummy())
+                    dummy = self._dummy()
+                    source, padding_mask = self._to_device(dummy)
                     with self._autocast():
-                        self.forward_and_loss(self.model, self._dummy(), source, padding_mask, None)
+                        self.forward_and_loss(self.model, dummy, source, padding_mask, None)
                 continue
             torch.manual_seed(_batch_seed(self.cfg.seed, 0, index * self.world_size + self.rank))
             source, padding_mask = self._to_device(batch)
