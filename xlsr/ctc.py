@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,9 @@ from torch import nn
 
 from xlsr.config import Wav2Vec2Config
 from xlsr.model import Wav2Vec2Model
+from xlsr.text import normalize_unicode
+
+logger = logging.getLogger(__name__)
 
 # fairseq's Wav2VecEncoder overrides these encoder settings of the pretrained model with the fine-tuning config's
 # (``arg_overrides``; fairseq name -> ours). Their defaults in fairseq's Wav2Vec2AsrConfig:
@@ -149,7 +153,7 @@ class Wav2Vec2ForCTC(nn.Module):
         if len(set(vocab)) != len(vocab):
             repeated = sorted({s for s in vocab if vocab.count(s) > 1})
             raise ValueError(f"vocabulary symbols must be distinct; repeated: {repeated}")
-        self.vocab: list[str] = vocab
+        self.vocab: list[str] = nfc_vocab(vocab)
         self.wav2vec2 = Wav2Vec2Model(cfg.encoder)
         # the pretraining head is not used (fairseq's remove_pretraining_modules)
         self.wav2vec2.quantizer = None
@@ -293,9 +297,23 @@ def ctc_greedy_units(emissions: torch.Tensor, lengths: torch.Tensor | None, blan
 
 def letters_to_text(symbols: Sequence[str]) -> str:
     """Letter units -> text, exactly fairseq's ``Dictionary.string`` then ``post_process(..., "letter")``:
-    ``<s>`` and ``</s>`` dropped, symbols joined with spaces, all spaces removed, ``|`` -> space, stripped."""
+    ``<s>`` and ``</s>`` dropped, symbols joined with spaces, all spaces removed, ``|`` -> space, stripped; then
+    Unicode NFC (a letter and a combining mark emitted as two units become one character, as in the labels)."""
     pieces = " ".join(s for s in symbols if s not in DROPPED_SYMBOLS)
-    return pieces.replace(" ", "").replace(WORD_BOUNDARY, " ").strip()
+    return normalize_unicode(pieces.replace(" ", "").replace(WORD_BOUNDARY, " ").strip())
+
+
+def nfc_vocab(vocab: Sequence[str]) -> list[str]:
+    """``vocab`` with every symbol in Unicode NFC (:func:`xlsr.text.normalize_unicode`), so that labels, which are
+    NFC, find their letters; unchanged (with a warning) when two symbols would become one (e.g. ``;`` and the
+    Greek question mark U+037E), since the head has an output for each."""
+    normalized = [normalize_unicode(symbol) for symbol in vocab]
+    if len(set(normalized)) < len(normalized):
+        seen: dict[str, str] = {}
+        merged = sorted({f"{seen[n]!r} / {s!r}" for s, n in zip(vocab, normalized) if seen.setdefault(n, s) != s})
+        logger.warning("the vocabulary is not put in Unicode NFC: symbols %s are one symbol in NFC", ", ".join(merged))
+        return list(vocab)
+    return normalized
 
 
 def vocab_from_mapping(mapping: dict[str, Any]) -> list[str]:

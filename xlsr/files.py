@@ -35,10 +35,11 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
 
 
 def read_json(path: str | os.PathLike, error: type[Exception] = ValueError) -> Any:
-    """The JSON value in ``path``; ``error("<path>: invalid JSON (...)")`` if it does not parse."""
+    """The JSON value in ``path`` (a UTF-8 byte-order mark at the start ignored); ``error("<path>: invalid JSON
+    (...)")`` if it does not parse."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as err:
         raise error(f"{path}: invalid JSON ({err})") from None
     except UnicodeDecodeError as err:

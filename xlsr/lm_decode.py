@@ -10,6 +10,8 @@ spelt as the vocabulary spells them (fairseq letter vocabularies are upper case,
 
 from __future__ import annotations
 
+import codecs
+import logging
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -17,6 +19,9 @@ from pathlib import Path
 import torch
 
 from xlsr.ctc import WORD_BOUNDARY
+from xlsr.text import normalize_unicode
+
+logger = logging.getLogger(__name__)
 
 INSTALL_HINT = 'LM beam search needs pyctcdecode and kenlm: pip install "xlsr[lm]" (or: pip install pyctcdecode kenlm)'
 SPECIAL_SYMBOL = re.compile(r"^(<.+>|\[.+\])$")  # <s>, </s>, <pad>, <unk>, [PAD], [UNK], ...
@@ -42,14 +47,15 @@ def decoder_labels(vocab: Sequence[str], blank_index: int) -> tuple[list[str], l
 
 def arpa_unigrams(path: str | Path) -> list[str] | None:
     """The words of an ARPA file's ``\\1-grams:`` section (without ``<s>``, ``</s>``, ``<unk>``); None when the
-    file is not a text ARPA file (a KenLM binary)."""
+    file is not a text ARPA file (a KenLM binary). A byte-order mark at the start is ignored; words are returned as
+    written, since KenLM scores them so (a warning when they are not in Unicode NFC, as transcripts are)."""
     with open(path, "rb") as f:
-        head = f.read(64).lstrip()
+        head = f.read(64).removeprefix(codecs.BOM_UTF8).lstrip()
     if not head.startswith(b"\\data\\"):
         return None
     words: list[str] = []
     in_unigrams = False
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for line in f:
             line = line.strip()
             if line.startswith("\\"):
@@ -60,6 +66,10 @@ def arpa_unigrams(path: str | Path) -> list[str] | None:
                 fields = line.split()
                 if len(fields) >= 2 and fields[1] not in ("<s>", "</s>", "<unk>"):
                     words.append(fields[1])
+    not_nfc = [word for word in words if normalize_unicode(word) != word]
+    if not_nfc:
+        logger.warning("%s: %d word(s) not in Unicode NFC (e.g. %r): they never match a transcript, which is NFC; "
+                       "build the LM from NFC text (xlsr.text.normalize_unicode)", path, len(not_nfc), not_nfc[0])
     return words
 
 
@@ -106,6 +116,10 @@ class LMDecoder:
         lm_path = Path(lm_path)
         if not lm_path.is_file():
             raise FileNotFoundError(f"no such LM file: {lm_path}")
+        with open(lm_path, "rb") as f:
+            if f.read(len(codecs.BOM_UTF8)) == codecs.BOM_UTF8:  # KenLM reads it as part of "\data\" and fails
+                raise ValueError(f"{lm_path}: starts with a UTF-8 byte-order mark, which KenLM cannot read; remove "
+                                 f"it: sed -i '1s/^\\xEF\\xBB\\xBF//' {lm_path}")
         labels, self.specials = decoder_labels(vocab, blank_index)
         self.vocab_size = len(vocab)
         self.blank_index = blank_index
@@ -141,5 +155,5 @@ class LMDecoder:
                 texts.append("")
                 continue
             text = self.decoder.decode(emissions[row, :count], beam_width=self.beam_width)
-            texts.append(" ".join(text.split()))
+            texts.append(" ".join(normalize_unicode(text).split()))
         return texts

@@ -10,8 +10,9 @@ Command line::
 With ``--transcripts TABLE`` (lines ``relative/path<TAB>text``, paths relative to AUDIO_DIR) it also writes, for
 CTC fine-tuning in fairseq's layout, ``train.wrd`` / ``train.ltr`` and ``valid.wrd`` / ``valid.ltr`` (one line per
 manifest row, same order; see :mod:`xlsr.finetune.labels`) and ``dict.ltr.txt`` from the train transcripts.
-Transcripts are normalised by :func:`xlsr.finetune.labels.normalize_transcript`: stripped, runs of whitespace made
-one space, upper-cased (``--keep-case`` to keep the case); punctuation is kept. An audio file without a transcript
+Transcripts are normalised by :func:`xlsr.finetune.labels.normalize_transcript`: Unicode NFC, stripped, runs of
+whitespace made one space, upper-cased (``--keep-case`` to keep the case); punctuation is kept. A byte-order mark at
+the start of the table is ignored, and its paths match the audio files whatever their Unicode form (NFC or NFD). An audio file without a transcript
 stops the tool listing every such file, before anything is written (``--drop-missing-transcripts`` leaves them
 out of the manifests instead).
 """
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 from xlsr.audio import AudioError, audio_info
 from xlsr.files import write_text_atomic
+from xlsr.text import normalize_unicode, read_text_lines
 
 __all__ = [
     "ManifestError",
@@ -86,7 +88,8 @@ class ManifestSummary:
 
 
 def read_manifest(path: str | os.PathLike) -> tuple[str, list[tuple[str, int]]]:
-    """Read a fairseq manifest.
+    """Read a fairseq manifest (a byte-order mark before the root folder is ignored; paths are kept as written,
+    since they must open the files, whatever their Unicode form on disk).
 
     Returns:
         ``(root, entries)`` where ``entries`` is a list of ``(relative_path, num_samples)``.
@@ -97,7 +100,7 @@ def read_manifest(path: str | os.PathLike) -> tuple[str, list[tuple[str, int]]]:
     """
     path = os.fspath(path)
     entries: list[tuple[str, int]] = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # a byte-order mark is not part of the root folder
         root_line = f.readline()
         root = root_line.rstrip("\r\n")
         if not root.strip():
@@ -132,7 +135,8 @@ def read_manifest(path: str | os.PathLike) -> tuple[str, list[tuple[str, int]]]:
 
 def read_transcript_table(path: str | os.PathLike, *, keep_case: bool = False) -> dict[str, str]:
     """Read a transcript table: one ``relative/path<TAB>text`` a line (blank lines skipped), paths relative to the
-    audio folder; texts normalised with :func:`xlsr.finetune.labels.normalize_transcript`.
+    audio folder; texts normalised with :func:`xlsr.finetune.labels.normalize_transcript`. A byte-order mark at the
+    start is ignored; paths and texts are read in Unicode NFC (:func:`xlsr.text.read_text_lines`).
 
     Returns:
         ``{normalised relative path: text}``.
@@ -147,8 +151,7 @@ def read_transcript_table(path: str | os.PathLike, *, keep_case: bool = False) -
     table: dict[str, str] = {}
     first_line: dict[str, int] = {}
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = [line.rstrip("\r\n") for line in f]
+        lines = read_text_lines(path)  # no byte-order mark, NFC: paths and texts
     except UnicodeDecodeError as err:
         raise ManifestError(f"{path}: not UTF-8 text ({err})") from None
     for number, line in enumerate(lines, start=1):
@@ -157,7 +160,7 @@ def read_transcript_table(path: str | os.PathLike, *, keep_case: bool = False) -
         rel_path, tab, text = line.partition("\t")
         if not tab or not rel_path.strip():
             raise ManifestError(f"{path}:{number}: expected 'relative_path<TAB>transcript', found {line!r}")
-        key = os.path.normpath(rel_path.strip())
+        key = _path_key(rel_path.strip())
         text = normalize_transcript(text, keep_case=keep_case)
         if not text:
             raise ManifestError(f"{path}:{number}: empty transcript for {rel_path!r}")
@@ -168,6 +171,13 @@ def read_transcript_table(path: str | os.PathLike, *, keep_case: bool = False) -
         table[key] = text
         first_line[key] = number
     return table
+
+
+def _path_key(rel_path: str) -> str:
+    """How a relative path is matched between the transcript table and the audio folder: normalised
+    (``os.path.normpath``) and in NFC, so that a table in NFD finds files named in NFC, and the other way round
+    (the manifest keeps the name as it is on disk, which is what opens the file)."""
+    return os.path.normpath(normalize_unicode(rel_path))
 
 
 def find_audio_files(
@@ -255,7 +265,9 @@ def write_manifest(
     summary = ManifestSummary(root=root)
     if transcripts is not None:
         transcripts = {
-            os.path.normpath(os.path.relpath(key, root) if os.path.isabs(key) else key): " ".join(text.split())
+            _path_key(os.path.relpath(key, root) if os.path.isabs(key) else key): " ".join(
+                normalize_unicode(text).split()
+            )
             for key, text in transcripts.items()
         }
         used: set[str] = set()
@@ -278,7 +290,7 @@ def write_manifest(
             summary.bad_files.append((path, "path contains a tab or newline, which the manifest format cannot hold"))
             continue
         if transcripts is not None:
-            key = os.path.normpath(rel_path)
+            key = _path_key(rel_path)
             if key not in transcripts:
                 summary.no_transcript.append(path)
                 continue
@@ -318,7 +330,7 @@ def _write_transcripts(
 
     letters: dict[str, list[str]] = {}
     for split, rows in (("train", train_rows), ("valid", valid_rows)):
-        words = [transcripts[os.path.normpath(rel_path)] for rel_path, _ in rows]
+        words = [transcripts[_path_key(rel_path)] for rel_path, _ in rows]
         letters[split] = [words_to_letters(text) for text in words]
         write_text_atomic(os.path.join(dest, f"{split}.wrd"), "".join(line + "\n" for line in words))
         write_text_atomic(os.path.join(dest, f"{split}.ltr"), "".join(line + "\n" for line in letters[split]))

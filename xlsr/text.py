@@ -11,12 +11,15 @@ drops it, so it never becomes part of the first row's file name or first letter.
 from __future__ import annotations
 
 import os
+import re
 import unicodedata
 
-__all__ = ["BOM", "normalize_unicode", "read_text_file"]
+__all__ = ["BOM", "normalize_unicode", "read_text_file", "read_text_lines"]
 
 BOM = "\ufeff"
 """The byte-order mark, as a decoded character."""
+
+_LINE_END = re.compile(r"\r\n|\r|\n")  # what Python's `for line in open(path)` ends lines at
 
 
 def normalize_unicode(text: str) -> str:
@@ -37,3 +40,20 @@ def read_text_file(path: str | os.PathLike) -> str:
     """
     with open(path, encoding="utf-8-sig", newline="") as f:
         return unicodedata.normalize("NFC", f.read())
+
+
+def read_text_lines(path: str | os.PathLike) -> list[str]:
+    """The lines of :func:`read_text_file` (no byte-order mark, NFC), without their line ends.
+
+    Lines end at ``\\n``, ``\\r\\n`` or ``\\r`` only, as when Python (and fairseq) iterate over a text file;
+    unlike ``str.splitlines()``, characters such as U+2028 or U+0085 inside a transcript do not start a new line.
+    A line end at the end of the file does not make an empty last line.
+
+    Raises:
+        FileNotFoundError: no such file.
+        UnicodeDecodeError: the bytes are not UTF-8 (callers name the file in their own error).
+    """
+    lines = _LINE_END.split(read_text_file(path))
+    if lines[-1] == "":
+        lines.pop()
+    return lines

@@ -41,6 +41,7 @@ from xlsr.checkpoints.huggingface import (
 from xlsr.checkpoints.native import read_native_config
 from xlsr.checkpoints.safe_loading import safe_torch_load
 from xlsr.config import Wav2Vec2Config
+from xlsr.text import read_text_lines
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def read_fairseq_dictionary(path: Path) -> list[str]:
     specials (``<s>``, ``<pad>``, ``</s>``, ``<unk>``) first."""
     symbols = list(FAIRSEQ_SPECIALS)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = read_text_lines(path)  # no byte-order mark, symbols in NFC
     except (OSError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: cannot read dictionary ({err})") from None
     for number, line in enumerate(lines, 1):

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import collections
 import os
+import unicodedata
 import warnings
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from xlsr.files import write_text_atomic
+from xlsr.text import normalize_unicode, read_text_lines
 
 __all__ = [
     "LabelError",
@@ -29,6 +31,7 @@ __all__ = [
     "words_to_letters",
     "letters_to_words",
     "normalize_transcript",
+    "letter_tokens",
     "label_path",
     "dictionary_path",
     "read_labels",
@@ -76,6 +79,7 @@ class Dictionary:
             self._add(sym, count)
 
     def _add(self, sym: str, count: int, overwrite: bool = False) -> int:
+        sym = normalize_unicode(sym)
         if not sym or any(ch.isspace() for ch in sym):
             raise ValueError(f"a symbol must be non-empty and hold no whitespace, got {sym!r}")
         if sym in self._indices and not overwrite:
@@ -146,21 +150,19 @@ class Dictionary:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Dictionary":
-        """Read a fairseq dictionary file (``symbol count`` a line, optionally ``#fairseq:overwrite``).
+        """Read a fairseq dictionary file (``symbol count`` a line, optionally ``#fairseq:overwrite``); symbols in
+        Unicode NFC, a byte-order mark at the start ignored.
 
         Raises:
             FileNotFoundError: no such file.
-            LabelError: a malformed line, a duplicate or special symbol, or text that is not UTF-8 (file and line
-                named).
+            LabelError: a malformed line, a duplicate or special symbol (also two forms of one letter, NFC and NFD),
+                or text that is not UTF-8 (file and line named).
         """
         path = os.fspath(path)
         try:
-            with open(path, encoding="utf-8") as f:
-                lines = f.read().split("\n")
+            lines = read_text_lines(path)
         except UnicodeDecodeError as err:
             raise LabelError(f"{path}: not UTF-8 text ({err})") from None
-        if lines and lines[-1] == "":
-            lines.pop()  # the final newline
         d = cls()
         for number, raw in enumerate(lines, start=1):
             line = raw.rstrip()
@@ -189,7 +191,8 @@ class Dictionary:
 
     @classmethod
     def from_transcripts(cls, lines: Iterable[str | Sequence[str]]) -> "Dictionary":
-        """Dictionary of the letter tokens in ``lines`` (``.ltr`` lines, split on whitespace, or token lists).
+        """Dictionary of the letter tokens in ``lines`` (``.ltr`` lines, split by :func:`letter_tokens`, or token
+        lists; tokens in Unicode NFC).
 
         Ordered by count, most frequent first, ties by symbol (code point order): fairseq's ``Dictionary.finalize``,
         which ``fairseq-preprocess --only-source`` uses to build ``dict.ltr.txt``, but without its padding of the
@@ -197,7 +200,7 @@ class Dictionary:
         """
         counter: collections.Counter = collections.Counter()
         for line in lines:
-            counter.update(line.split() if isinstance(line, str) else line)
+            counter.update(letter_tokens(line) if isinstance(line, str) else map(normalize_unicode, line))
         for sym in SPECIAL_SYMBOLS:
             counter.pop(sym, None)
         ordered = sorted(counter.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -225,11 +228,34 @@ def letters_to_words(ltr: str) -> str:
 
 
 def normalize_transcript(text: str, *, keep_case: bool = False) -> str:
-    """What ``python -m xlsr.manifest --transcripts`` does to a transcript: strip, collapse runs of whitespace to
-    one space, upper-case (``str.upper``, as LibriSpeech's transcripts are) unless ``keep_case``. Punctuation is
-    kept: whatever characters remain become letters of the dictionary."""
-    text = " ".join(text.split())
-    return text if keep_case else text.upper()
+    """What ``python -m xlsr.manifest --transcripts`` does to a transcript: Unicode NFC (``r`` + U+030C -> ``ř``,
+    :func:`xlsr.text.normalize_unicode`), strip, collapse runs of whitespace to one space, upper-case
+    (``str.upper``, as LibriSpeech's transcripts are) unless ``keep_case``. Punctuation is kept: whatever characters
+    remain become letters of the dictionary. The result is NFC (upper-casing can decompose: ``ΐ`` -> 3 code
+    points, recomposed)."""
+    text = " ".join(normalize_unicode(text).split())
+    return text if keep_case else normalize_unicode(text.upper())
+
+
+def letter_tokens(ltr: str) -> list[str]:
+    """The letter tokens of one ``.ltr`` line, in NFC: split on whitespace; a token of combining marks that NFC
+    composes with the letter before it is joined to that letter.
+
+    A ``.ltr`` file written from NFD text (fairseq's ``libri_labels.py`` splits every code point) holds
+    ``P R ̌ E D M E ̌ T``; this gives ``P Ř E D M Ě T``, the tokens of the same text written in NFC. Marks that stay
+    separate code points in NFC (a Devanagari virama, the caron of ``J̌``) stay separate tokens, as
+    :func:`words_to_letters` makes them.
+    """
+    tokens: list[str] = []
+    for token in ltr.split():
+        token = normalize_unicode(token)
+        if tokens and all(unicodedata.combining(ch) for ch in token):
+            joined = normalize_unicode(tokens[-1] + token)
+            if len(joined) < len(tokens[-1]) + len(token):  # composed: one letter written in two tokens
+                tokens[-1] = joined
+                continue
+        tokens.append(token)
+    return tokens
 
 
 # ---------------------------------------------------------------------- label files
@@ -254,7 +280,8 @@ def read_labels(
     *,
     skip_empty: bool = False,
 ) -> list[Optional[list[str]]]:
-    """Letter tokens of every row of a manifest, from the label file beside it (:func:`label_path`).
+    """Letter tokens of every row of a manifest, from the label file beside it (:func:`label_path`), in Unicode NFC
+    (a byte-order mark at the start ignored; ``.ltr`` lines split by :func:`letter_tokens`).
 
     Args:
         manifest_path: ``train.tsv``; its labels are ``train.ltr`` (``labels="ltr"``: tokens split on whitespace)
@@ -280,8 +307,7 @@ def read_labels(
         num_rows = len(read_manifest(manifest_path)[1])
     path = label_path(manifest_path, labels)
     try:
-        with open(path, encoding="utf-8") as f:  # lines end at \n, \r\n or \r, as fairseq's `for line in f`
-            lines = [line.rstrip("\r\n") for line in f]
+        lines = read_text_lines(path)  # lines end at \n, \r\n or \r, as fairseq's `for line in f`; NFC
     except UnicodeDecodeError as err:
         raise LabelError(f"{path}: not UTF-8 text ({err})") from None
     if len(lines) != num_rows:
@@ -297,7 +323,7 @@ def read_labels(
                 line = words_to_letters(line)
             except ValueError as err:
                 raise LabelError(f"{path}:{number}: {err}") from None
-        tokens = line.split()
+        tokens = letter_tokens(line)
         if not tokens:
             if not skip_empty:
                 raise LabelError(f"{path}:{number}: empty transcript (remove the row from the manifest, or skip_empty)")

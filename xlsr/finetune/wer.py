@@ -4,8 +4,9 @@ Rates over several batches or ranks must be summed as counts, not averaged: keep
 and divide the summed edits by the summed reference lengths at the end (fairseq's ``_num_word_errors`` /
 ``_num_words``), as :func:`rate` does.
 
-Before scoring, every string is stripped and its runs of whitespace become one space (fairseq splits words on
-whitespace too); nothing else is changed (no case folding, punctuation kept). Words are whitespace-separated;
+Before scoring, every string is put in Unicode NFC (so ``ř`` written as ``r`` + U+030C is one character, the same
+as the composed ``ř``: :func:`xlsr.text.normalize_unicode`), stripped, and its runs of whitespace become one space
+(fairseq splits words on whitespace too); nothing else is changed (no case folding, punctuation kept). Words are whitespace-separated;
 characters include those single spaces between words. fairseq's own ``uer`` counts edits of letter tokens, where
 every word ends with ``|``, so it also counts the final ``|``; this CER does not.
 """
@@ -16,6 +17,8 @@ from typing import Iterable, Sequence
 
 import jiwer
 
+from xlsr.text import normalize_unicode
+
 __all__ = ["error_counts", "rate", "word_error_rate", "char_error_rate"]
 
 
@@ -24,7 +27,7 @@ def _pairs(refs: str | Sequence[str], hyps: str | Sequence[str]) -> tuple[list[s
     hyps = [hyps] if isinstance(hyps, str) else list(hyps)
     if len(refs) != len(hyps):
         raise ValueError(f"{len(refs)} reference(s) but {len(hyps)} hypothesis(es)")
-    clean = lambda s: " ".join(str(s).split())  # noqa: E731
+    clean = lambda s: " ".join(normalize_unicode(str(s)).split())  # noqa: E731
     return [clean(r) for r in refs], [clean(h) for h in hyps]
 
 
