@@ -20,6 +20,7 @@ shard (``sharded_checkpoints.py``); both kinds resume in either strategy and at 
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 import shutil
@@ -34,6 +35,8 @@ import torch.distributed as dist
 from xlsr.checkpoints import CheckpointError, safe_torch_load
 from xlsr.checkpoints.training import TRAINING_CHECKPOINT_MARK, is_training_checkpoint
 from xlsr.files import write_atomic
+
+logger = logging.getLogger("xlsr.pretrain")
 
 _NAME = re.compile(r"^checkpoint_(\d+)(\.pt)?$")  # a file checkpoint_<N>.pt or a sharded folder checkpoint_<N>
 
@@ -149,10 +152,23 @@ def restore_progress(state: dict[str, Any], scaler: torch.amp.GradScaler) -> tup
     rng = state["rng"]
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+        restore_cuda_rng_states(rng["cuda"])
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
     return state["num_updates"], state["epoch"], state["batches_done_in_epoch"]
+
+
+def restore_cuda_rng_states(states: list[torch.Tensor]) -> None:
+    """Each visible CUDA device's generator from ``states`` (one per device of the run that saved them, in index
+    order). Fewer devices than states (a checkpoint of an 8-GPU node resumed on 2): the first ones are restored;
+    more devices: the others keep theirs. A warning when the counts differ. (Training reseeds every micro-batch, so
+    only what draws outside a batch depends on these states.)"""
+    count = torch.cuda.device_count()
+    if len(states) != count:
+        logger.warning("the checkpoint holds the CUDA RNG states of %d device(s), %d are visible: restoring %d",
+                       len(states), count, min(len(states), count))
+    for index, state in enumerate(states[:count]):
+        torch.cuda.set_rng_state(state, index)
 
 
 def load_training_checkpoint(path: str | Path) -> dict[str, Any]:

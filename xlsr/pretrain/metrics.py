@@ -125,12 +125,31 @@ class MetricsLog:
         self.writer = SummaryWriter(str(self.output_dir / "tensorboard"))
 
     def drop_after(self, num_updates: int) -> None:
-        """Forget lines logged after update ``num_updates`` (a resumed run logs them again, identically)."""
+        """Forget lines logged after update ``num_updates`` (a resumed run logs them again, identically).
+
+        A line that is not a JSON record with an ``update`` (the half-written last line of a run killed while
+        writing it) is dropped with a warning, never an error; the file is then rewritten as valid JSONL."""
         if not self.enabled or not self.path.is_file():
             return
-        lines = self.path.read_text().splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["update"] <= num_updates]
-        if len(kept) < len(lines):
+        text = self.path.read_text(encoding="utf-8", errors="replace")
+        lines = text.splitlines()
+        kept, unreadable = [], []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            update = _update_of(line)
+            if update is None:
+                unreadable.append(number)
+            elif update <= num_updates:
+                kept.append(line)
+        if unreadable == [len(lines)]:
+            logger.warning("%s: its last line was cut short (a run stopped while writing it): dropped %r",
+                           self.path, lines[-1][:80])
+        elif unreadable:
+            shown = ", ".join(map(str, unreadable[:10])) + (" ..." if len(unreadable) > 10 else "")
+            logger.warning("%s: dropped %d line(s) that are not JSON records (lines %s)", self.path, len(unreadable),
+                           shown)
+        if len(kept) < len(lines) or not text.endswith("\n"):  # (a record without its line end: appends glue on)
             write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, split: str, num_updates: int, record: dict[str, Any]) -> None:
@@ -171,6 +190,16 @@ class MetricsLog:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+
+
+def _update_of(line: str) -> int | None:
+    """The ``update`` of one metrics.jsonl line; None when the line is not a JSON record with an integer update."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    update = record.get("update") if isinstance(record, dict) else None
+    return update if isinstance(update, int) and not isinstance(update, bool) else None
 
 
 _SUMMARY = (("loss", "loss %.3f bits"), ("accuracy", "accuracy %.3f"), ("code_perplexity", "code ppl %.1f"),

@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from xlsr.config import Wav2Vec2Config
 from xlsr.model import Wav2Vec2Model
-from xlsr.pretrain import checkpointing
+from xlsr.pretrain import checkpointing, run_lock
 from xlsr.pretrain.config import PretrainConfig
 from xlsr.pretrain.data import build_dataloader, set_loader_epoch
 from xlsr.pretrain.loss import compute_loss
@@ -88,8 +88,9 @@ def run_command(trainer_class: type["Trainer"], cfg, log: logging.Logger) -> Non
     """``trainer_class(cfg).train()`` for a command line (``python -m xlsr.pretrain`` / ``xlsr.finetune``).
 
     Bad input found while setting up (a missing manifest, label or checkpoint file, an unreadable file, a wrong
-    setting) ends the program with its one-line message (exit code 2) instead of a traceback; an error during
-    training is logged with its traceback (exit code 1).
+    setting, an ``output_dir`` another live run writes) ends the program with its one-line message (exit code 2)
+    instead of a traceback; an error during training is logged with its traceback (exit code 1). The run's
+    ``output_dir/.lock`` is removed however the program ends.
 
     A process that made a process group (torchrun, or FSDP in one process) ends in :func:`_exit_process`, not in
     the interpreter's shut-down: gloo's worker threads release the tensors of the last collective after the caller
@@ -107,9 +108,11 @@ def run_command(trainer_class: type["Trainer"], cfg, log: logging.Logger) -> Non
             log.info("writing to %s", trainer.output_dir.resolve())
         trainer.train()
     except BaseException as err:  # every way out must reach _exit_process once a group exists
+        run_lock.release_all()
         if not dist.is_initialized():
             raise
         _exit_process(_exit_code(err), trainer, err)
+    run_lock.release_all()
     if dist.is_initialized():
         _exit_process(0, trainer)
 
@@ -165,6 +168,7 @@ class Trainer:
             torch.set_num_threads(cfg.threads)
         self.output_dir = Path(cfg.output_dir)
         self.checkpoint_dir = self.output_dir / cfg.checkpoint.dir
+        self.output_lock: Path | None = self._lock_output_dir()  # before anything is written there
 
         torch.manual_seed(cfg.seed)
         self.model: torch.nn.Module
@@ -277,7 +281,7 @@ class Trainer:
             self.encoder_model().compile_encoder(dynamic=True)  # batch lengths vary: one graph for all of them
         if self.world_size > 1:
             self.ddp_model = DistributedDataParallel(
-                self.model, device_ids=[local_rank] if self.device.type == "cuda" else None,
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=self.find_unused_parameters(),
             )
 
@@ -301,13 +305,46 @@ class Trainer:
             logger.info("fsdp: %d ranks, sharded over %s", self.world_size, shards)
 
     def _pick_device(self, local_rank: int) -> torch.device:
+        """``device``: auto (cuda if available, else cpu), cpu, cuda (this rank's GPU: cuda:LOCAL_RANK under
+        torchrun, cuda:0 alone) or cuda:N (that GPU, made the current device; one process per node only)."""
         choice = self.cfg.device
         if choice == "auto":
             choice = "cuda" if torch.cuda.is_available() else "cpu"
-        if choice == "cuda":
-            torch.cuda.set_device(local_rank)
-            return torch.device("cuda", local_rank)
-        return torch.device(choice)
+        try:
+            device = torch.device(choice)
+        except RuntimeError:
+            raise ValueError(f"device={choice!r} is not a device: auto, cpu, cuda or cuda:N") from None
+        if device.type != "cuda":
+            return device
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={choice}: CUDA is not available here (device=cpu, or device=auto)")
+        if device.index is not None and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+            raise ValueError(f"device={choice} would put every process of this node on one GPU; use device=cuda (each "
+                             "process takes cuda:LOCAL_RANK) and CUDA_VISIBLE_DEVICES to choose the GPUs")
+        index = local_rank if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"device={choice}: cuda:{index} does not exist, {torch.cuda.device_count()} CUDA "
+                             "device(s) are visible (CUDA_VISIBLE_DEVICES numbers them from 0)")
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+
+    def _lock_output_dir(self) -> Path | None:
+        """Rank 0 takes ``output_dir/.lock`` (:mod:`xlsr.pretrain.run_lock`); returns its path (None on the other
+        ranks). If another live run holds it, every rank raises rank 0's error (decided before any other
+        collective, so no rank waits for the others)."""
+        lock, error = None, None
+        if self.is_main:
+            try:
+                lock = run_lock.acquire(self.output_dir)
+            except run_lock.OutputDirLockedError as err:
+                error = str(err)
+        if self.world_size > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error is not None:
+            raise run_lock.OutputDirLockedError(error)
+        return lock
 
     def _attach_step_in_backward(self) -> StepInBackward | None:
         if not self.cfg.optim.step_in_backward:
@@ -502,6 +539,8 @@ class Trainer:
             logger.info("stopped at update %d: %s", self.num_updates, reason)
         self.save_final_model()
         self.metrics.close()
+        if self.output_lock is not None:
+            run_lock.release(self.output_lock)
         return last
 
     # what the progress bar shows of a record, when the record has it
