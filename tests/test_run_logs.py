@@ -161,6 +161,19 @@ def test_second_run_into_a_live_runs_output_dir_stops_naming_it(program, corpus,
     assert not any((out / name).exists() for name in ("checkpoints", "metrics.jsonl", "config.yaml", "model"))
 
 
+def test_live_lock_under_torchrun_stops_every_rank(corpus, digits, tmp_path):
+    """Rank 0 finds the lock; every rank stops with its error (exit 2), none waits for the others."""
+    out = tmp_path / "run"
+    write_lock(out, os.getpid())
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29581",
+           *command("xlsr.pretrain", corpus, digits, out, "distributed.backend=gloo", "device=cpu", "threads=1")[1:]]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    log = result.stdout + result.stderr
+    assert result.returncode != 0, log
+    assert log.count(f"pid {os.getpid()} on host {socket.gethostname()}") >= 2, log  # both ranks say why
+    assert not (out / "checkpoints").exists()
+
+
 def test_stale_lock_is_taken_over_with_a_warning_and_removed_at_the_end(corpus, digits, tmp_path):
     finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True, check=True)
