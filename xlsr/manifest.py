@@ -12,9 +12,9 @@ CTC fine-tuning in fairseq's layout, ``train.wrd`` / ``train.ltr`` and ``valid.w
 manifest row, same order; see :mod:`xlsr.finetune.labels`) and ``dict.ltr.txt`` from the train transcripts.
 Transcripts are normalised by :func:`xlsr.finetune.labels.normalize_transcript`: Unicode NFC, stripped, runs of
 whitespace made one space, upper-cased (``--keep-case`` to keep the case); punctuation is kept. A byte-order mark at
-the start of the table is ignored, and its paths match the audio files whatever their Unicode form (NFC or NFD). An audio file without a transcript
-stops the tool listing every such file, before anything is written (``--drop-missing-transcripts`` leaves them
-out of the manifests instead).
+the start of the table is ignored, and its paths match the audio files whatever their Unicode form (NFC or NFD). An
+audio file without a transcript stops the tool listing every such file, before anything is written
+(``--drop-missing-transcripts`` leaves them out of the manifests instead).
 """
 
 from __future__ import annotations
