@@ -131,3 +131,129 @@ def test_a_batch_without_masked_frames_trains_unmasked_but_pretraining_needs_one
     assert torch.equal(masked, plain)
     with pytest.raises(ValueError, match="no frame is masked"):
         model(source, mask_indices=nothing)
+
+
+# ---------------------------------------------------------------------- continuing a fine-tuned model
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory) -> Path:
+    """A tiny random ``Wav2Vec2ForCTC`` + ``Wav2Vec2Processor`` saved by transformers, with a vocabulary made as in
+    Hugging Face's fine-tuning tutorial: the transcripts' characters (the space as ``|``), then ``[UNK]``, ``[PAD]``
+    (the pad token: the CTC blank); the tokenizer adds ``<s>`` and ``</s>``."""
+    transformers = pytest.importorskip("transformers")
+    dest = tmp_path_factory.mktemp("hf") / "model"
+    dest.mkdir()
+    texts = read_transcript_table(DIGITS / "transcripts.tsv").values()
+    vocab = {char: index for index, char in enumerate(sorted(set(" ".join(texts))))}
+    vocab["|"] = vocab.pop(" ")
+    vocab["[UNK]"] = len(vocab)
+    vocab["[PAD]"] = len(vocab)
+    (dest.parent / "vocab.json").write_text(json.dumps(vocab))
+    tokenizer = transformers.Wav2Vec2CTCTokenizer(str(dest.parent / "vocab.json"), unk_token="[UNK]",
+                                                  pad_token="[PAD]", word_delimiter_token="|")
+    extractor = transformers.Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=16000, padding_value=0.0,
+                                                      do_normalize=True, return_attention_mask=False)
+    config = transformers.Wav2Vec2Config(
+        vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=64, conv_dim=(16,) * 7, num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2, ctc_loss_reduction="mean",
+    )
+    torch.manual_seed(0)
+    transformers.Wav2Vec2ForCTC(config).save_pretrained(dest)
+    transformers.Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer).save_pretrained(dest)
+    return dest
+
+
+def test_continue_a_hugging_face_model_with_no_dictionary(digits, hf_model, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    tokenizer = transformers.Wav2Vec2CTCTokenizer.from_pretrained(hf_model)
+    hf_vocab = [symbol for symbol, _ in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])]
+    start = transformers.Wav2Vec2ForCTC.from_pretrained(hf_model).lm_head.weight.detach()
+    out = tmp_path / "run"
+    trainer = run(overrides(digits, hf_model, out))
+    assert trainer.dictionary.symbols == hf_vocab and trainer.dictionary.blank_index == tokenizer.pad_token_id
+    # targets are the tokenizer's own ids (its text has no final word boundary: ours ends every word with |)
+    dataset = trainer.train_loader.dataset
+    transcripts = read_transcript_table(DIGITS / "transcripts.tsv")
+    for i in range(len(dataset)):
+        text = transcripts[Path(dataset.path(i)).name]
+        assert dataset.target(i).tolist()[:-1] == tokenizer(text).input_ids, text
+    assert train_updates(out) == [1, 2]
+    model = xlsr.Wav2Vec2ForCTC.from_pretrained(out / "model")
+    assert model.vocab == hf_vocab and model.blank_index == tokenizer.pad_token_id
+    assert not torch.allclose(model.lm_head.weight, start), "training did not move the head"
+    # output_dir's dict.ltr.txt is the model's vocabulary: the run continues with it given as the dictionary
+    saved = Dictionary.load(out / "dict.ltr.txt")
+    assert saved == Dictionary.from_vocab(model.vocab, model.blank_index)
+    assert saved.unk_index == hf_vocab.index("[UNK]") and saved.pad_index == tokenizer.pad_token_id
+    again = run(overrides(digits, out / "model", tmp_path / "again", f"dictionary={out / 'dict.ltr.txt'}",
+                          "optim.max_update=1"))
+    assert again.model.vocab == hf_vocab and train_updates(tmp_path / "again") == [1]
+
+
+def test_continue_fairseq_ctc_mini_over_a_different_dict_beside_the_manifest(digits, tmp_path, caplog):
+    """fairseq's wav2vec_ctc checkpoint: its Dictionary is the dictionary; the digits' own dict.ltr.txt beside the
+    manifest (other symbols, other order) is set aside with a warning."""
+    data = tmp_path / "data"
+    shutil.copytree(digits.parent, data)
+    Dictionary.from_transcripts(r for r in read_labels(data / "train.tsv") if r).save(data / "dict.ltr.txt")
+    out = tmp_path / "run"
+    with caplog.at_level("WARNING", logger="xlsr.finetune"):
+        trainer = run(overrides(data / "train.tsv", CTC_MINI / "checkpoint.pt", out))
+    assert any("differs from the vocabulary of the fine-tuned model" in r.getMessage() for r in caplog.records)
+    fairseq_dictionary = Dictionary.load(CTC_MINI / "dict.ltr.txt")
+    assert trainer.dictionary == fairseq_dictionary
+    assert Dictionary.load(out / "dict.ltr.txt") == fairseq_dictionary
+    assert (out / "dict.ltr.txt").read_text().split()[::2] == (CTC_MINI / "dict.ltr.txt").read_text().split()[::2]
+    model = xlsr.Wav2Vec2ForCTC.from_pretrained(out / "model")
+    assert model.vocab == fairseq_dictionary.symbols and model.blank_index == 0
+    start = xlsr.Wav2Vec2ForCTC.from_pretrained(CTC_MINI / "checkpoint.pt").lm_head.weight
+    assert not torch.allclose(model.lm_head.weight, start)
+    assert train_updates(out) == [1, 2]
+
+
+HF_STYLE = ["|", "E", "N", "O", "[UNK]", "[PAD]", "<s>", "</s>"]
+
+
+def test_dictionary_of_a_hugging_face_vocabulary():
+    d = Dictionary.from_vocab(HF_STYLE, blank_index=5)
+    assert (d.blank_index, d.pad_index, d.unk_index, d.eos_index) == (5, 5, 4, 7)
+    assert d.encode("O N E |".split(), where="train.ltr:1") == [3, 2, 1, 0]
+    with pytest.raises(LabelError, match=r"train.ltr:2: character 'Z' is not in the dictionary.*\[UNK\]"):
+        d.encode(["Z", "E"], where="train.ltr:2")
+    assert d.encode(["Z", "E"], where="train.ltr:2", unk=True) == [4, 1]
+    for special in ("[PAD]", "<s>", "</s>"):
+        with pytest.raises(LabelError, match="cannot be a CTC target"):
+            d.encode([special], where="train.ltr:3")
+    assert d.string([3, 5, 2, 6, 1, 7, 0]) == "O N E |"
+    own_blank = Dictionary.from_vocab(["<blank>", "A", "[PAD]"], blank_index=0)  # padding is not the blank here
+    assert own_blank.pad_index == 2
+    with pytest.raises(LabelError, match="cannot be a CTC target"):
+        own_blank.encode(["[PAD]"], where="train.ltr:4")
+
+
+def test_dictionary_of_a_fairseq_vocabulary_is_fairseqs():
+    fairseq = Dictionary(["|", "E", "N", "O"])
+    assert Dictionary.from_vocab(fairseq.symbols, blank_index=0) == fairseq
+    assert Dictionary.from_vocab(fairseq.symbols, blank_index=0).fairseq_layout
+    converted = Dictionary.from_vocab(fairseq.symbols, blank_index=1)  # HF's conversion: <pad> is the blank
+    assert not converted.fairseq_layout and converted.blank_index == 1 and converted.unk_index == 3
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        Dictionary.from_vocab(fairseq.symbols, blank_index=8)
+
+
+def test_vocabulary_file_round_trips_and_names_bad_lines(tmp_path):
+    d = Dictionary.from_vocab(HF_STYLE, blank_index=5)
+    loaded = Dictionary.load(d.save(tmp_path / "dict.ltr.txt"))
+    assert loaded == d and loaded.symbols == HF_STYLE and (loaded.unk_index, loaded.pad_index) == (4, 5)
+    no_unk = Dictionary.from_vocab(["|", "A", "<blank>"], blank_index=2)
+    assert Dictionary.load(no_unk.save(tmp_path / "no_unk.txt")).unk_index is None
+    with pytest.raises(LabelError, match="has no unknown symbol"):
+        no_unk.encode(["Z"], where="x:1", unk=True)
+    (tmp_path / "bad.txt").write_text("#xlsr:vocabulary blank=1\n| 0\nA\n")
+    with pytest.raises(LabelError, match="bad.txt:3: expected"):
+        Dictionary.load(tmp_path / "bad.txt")
+    (tmp_path / "bad_blank.txt").write_text("#xlsr:vocabulary blank=7\n| 0\nA 0\n")
+    with pytest.raises(LabelError, match="bad_blank.txt: blank index 7 is outside"):
+        Dictionary.load(tmp_path / "bad_blank.txt")
