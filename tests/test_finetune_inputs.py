@@ -257,3 +257,42 @@ def test_vocabulary_file_round_trips_and_names_bad_lines(tmp_path):
     (tmp_path / "bad_blank.txt").write_text("#xlsr:vocabulary blank=7\n| 0\nA 0\n")
     with pytest.raises(LabelError, match="bad_blank.txt: blank index 7 is outside"):
         Dictionary.load(tmp_path / "bad_blank.txt")
+
+
+# ---------------------------------------------------------------------- any pretraining checkpoint
+
+
+@pytest.fixture(scope="module")
+def pretraining_checkpoints(digits, tmp_path_factory) -> dict[str, Path]:
+    """2 updates of ``python -m xlsr.pretrain`` on the digits audio: with FSDP in one process (a sharded checkpoint
+    folder) and without (a ``.pt`` training checkpoint)."""
+    root = tmp_path_factory.mktemp("pretraining")
+    found = {}
+    for strategy, name in (("fsdp", "checkpoint_2"), ("ddp", "checkpoint_2.pt")):
+        out = root / strategy
+        args = ["model=tiny", f"data.manifest={digits}", f"output_dir={out}", "data.num_workers=0",
+                "data.max_tokens=96000", "data.min_sample_size=8000", "data.max_sample_size=16000",
+                "optim.max_update=2", "optim.warmup_updates=1", "checkpoint.save_interval_updates=2",
+                f"distributed.strategy={strategy}", "distributed.backend=gloo", "device=cpu", "threads=1",
+                "log_interval=1", "progress_bar=false", "tensorboard=false"]
+        result = subprocess.run([sys.executable, "-m", "xlsr.pretrain", *args], cwd=REPO, capture_output=True,
+                                text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        found[strategy] = out / "checkpoints" / name
+    assert found["fsdp"].is_dir() and not (found["fsdp"] / "config.json").exists()
+    assert found["ddp"].is_file()
+    return found
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_finetune_starts_from_a_pretraining_checkpoint(digits, pretraining_checkpoints, strategy, tmp_path):
+    """The encoder is the checkpoint's (kept frozen here: equal after training), with a new head."""
+    checkpoint = pretraining_checkpoints[strategy]
+    out = tmp_path / "run"
+    trainer = run(overrides(digits, checkpoint, out, "model.freeze_finetune_updates=100"))
+    assert train_updates(out) == [1, 2]
+    pretrained = xlsr.Wav2Vec2Model.from_pretrained(checkpoint).state_dict()
+    encoder = xlsr.Wav2Vec2ForCTC.from_pretrained(out / "model").wav2vec2.state_dict()
+    assert encoder.keys() <= pretrained.keys() and len(encoder) > 10
+    assert all(torch.equal(value, pretrained[key]) for key, value in encoder.items())
+    assert trainer.model.vocab == trainer.dictionary.symbols and trainer.dictionary.fairseq_layout
