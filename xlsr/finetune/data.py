@@ -98,8 +98,8 @@ class FinetuneDataConfig:
     fairseq ``dataset.required_batch_size_multiple``."""
 
     unk: bool = False
-    """Map transcript characters missing from the dictionary to ``<unk>`` (fairseq does, silently) instead of
-    failing."""
+    """Map transcript characters missing from the dictionary to its unknown symbol (``<unk>``, HF's ``[UNK]``;
+    fairseq does, silently) instead of failing."""
 
     skip_empty: bool = False
     """Drop rows with an empty transcript (with a warning) instead of failing."""
