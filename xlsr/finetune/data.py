@@ -171,8 +171,8 @@ class LabelledAudioDataset(Dataset):
     when: longer than ``max_sample_size``; the transcript is empty and ``skip_empty``; and, given ``num_frames``
     (samples -> encoder frames, e.g. :func:`frames_of`), too short for one frame (empty files included: an
     utterance without frames has nothing to attend to), and with ``drop_infeasible`` too short for their
-    transcript under CTC. With ``num_frames`` but not ``drop_infeasible``, those are only counted (``infeasible``) and warned
-    about. Indices ``i`` are positions in the current epoch; ``__getitem__(i)`` returns ``{"id": i, "source":
+    transcript under CTC. With ``num_frames`` but not ``drop_infeasible``, those are only counted
+    (``infeasible``) and warned about. Indices ``i`` are positions in the current epoch; ``__getitem__(i)`` returns ``{"id": i, "source":
     float32 (S,), "target": int64 (L,)}``, or None for an unreadable file when ``skip_bad``.
     """
 

@@ -183,7 +183,8 @@ class Dictionary:
             raise ValueError(f"blank index {blank_index} is outside the vocabulary of {len(symbols)} symbols")
         if unk_symbol is not None and unk_symbol not in symbols:
             raise ValueError(f"unknown symbol {unk_symbol!r} is not in the vocabulary")
-        if symbols[: len(SPECIAL_SYMBOLS)] == list(SPECIAL_SYMBOLS) and blank_index == 0 and unk_symbol in (None, "<unk>"):
+        fairseq_specials = symbols[: len(SPECIAL_SYMBOLS)] == list(SPECIAL_SYMBOLS)
+        if fairseq_specials and blank_index == 0 and unk_symbol in (None, "<unk>"):
             return cls(symbols[len(SPECIAL_SYMBOLS) :])
         d = cls()
         d.symbols, d.counts, d._indices = [], [], {}
