@@ -114,6 +114,10 @@ def test_short_and_empty_clips_do_not_stop_the_finetune_command(with_short_clips
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 item(s) left out, too short for one frame" in result.stderr
     assert train_updates(out) == list(range(1, 9))
+    # the one-frame clips are kept, too short for 'SEVEN' under CTC: counted, their loss zeroed (zero_infinity)
+    assert "3 item(s) have fewer encoder frames than CTC needs" in result.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r["infeasible"] for r in records if r["split"] == "train") > 0
     assert (out / "model" / "model.safetensors").is_file()
 
 
