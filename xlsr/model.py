@@ -166,6 +166,8 @@ class Wav2Vec2Model(nn.Module):
 
         Time spans (``cfg.mask_prob`` > 0, or the given ``mask_indices`` (B, T) bool) become ``mask_embedding``,
         channel spans (``cfg.mask_channel_prob`` > 0) become 0; with neither, the same as ``extract_features``.
+        A batch in which no frame is drawn for masking (e.g. only utterances of a frame or two) goes on unmasked in
+        time, as fairseq's fine-tuning encoder does; only the contrastive task needs masked frames.
         layer_keep: LayerDrop decisions (default: drawn by the encoder when training).
         """
         self._check_source(source, padding_mask)
@@ -173,16 +175,8 @@ class Wav2Vec2Model(nn.Module):
         frame_padding = self.frame_padding_mask(padding_mask, features.shape[1])
         features = self.dropout_features(features)
         x = self.dropout_input(x)
-        if mask_indices is not None or self.cfg.mask_prob > 0:
-            x, _ = self._mask(x, frame_padding, mask_indices)
-        elif self.cfg.mask_channel_prob > 0:  # channel masks only (_mask needs masked frames)
-            batch, _, dim = x.shape
-            channel_mask = compute_channel_mask(
-                batch, dim, self.cfg.mask_channel_prob, self.cfg.mask_channel_length,
-                self.cfg.no_mask_channel_overlap, self.cfg.mask_channel_min_space,
-            )
-            no_frames = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
-            x = apply_masks(x, no_frames, self.mask_embedding, channel_mask, self.cfg.mask_channel_before)
+        if mask_indices is not None or self.cfg.mask_prob > 0 or self.cfg.mask_channel_prob > 0:
+            x, _ = self._mask(x, frame_padding, mask_indices, require_masked=False)
         x, layer_results = self.encoder(x, frame_padding, layer_keep=layer_keep)
         return FeatureOutput(x=x, layer_results=layer_results, padding_mask=frame_padding, features=features)
 
@@ -213,9 +207,16 @@ class Wav2Vec2Model(nn.Module):
         return self._contrast(x, targets_in, mask_indices, frame_padding, negative_indices, features_pen)
 
     def _mask(
-        self, x: torch.Tensor, frame_padding: torch.Tensor | None, mask_indices: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        frame_padding: torch.Tensor | None,
+        mask_indices: torch.Tensor | None,
+        require_masked: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample (unless given) and apply the time and channel masks: x (B, T, D) -> (masked x, (B, T) bool)."""
+        """Sample (unless given) and apply the time and channel masks: x (B, T, D) -> (masked x, (B, T) bool).
+
+        ``require_masked``: no masked frame is a ValueError (the contrastive task); else the batch goes on with
+        only its channel mask (fine-tuning). ``cfg.mask_prob`` = 0 draws no time mask."""
         cfg = self.cfg
         batch, time, dim = x.shape
         if mask_indices is None:
@@ -226,7 +227,7 @@ class Wav2Vec2Model(nn.Module):
         mask_indices = mask_indices.to(device=x.device, dtype=torch.bool)
         if mask_indices.shape != (batch, time):
             raise ValueError(f"mask_indices has shape {tuple(mask_indices.shape)}, expected {(batch, time)}")
-        if not mask_indices.any():
+        if require_masked and not mask_indices.any():
             raise ValueError("no frame is masked: the contrastive task needs at least one masked frame")
         channel_mask = None
         if cfg.mask_channel_prob > 0:

@@ -94,7 +94,7 @@ def is_ctc_checkpoint(path: str | Path) -> bool:
         return True
     if fmt == "huggingface":
         return _is_hf_ctc(path)
-    if fmt == "native":
+    if fmt in ("native", "sharded-training"):
         return False
     return _is_fairseq_ctc(safe_torch_load(path))
 

@@ -20,8 +20,9 @@ class FineTuneModelConfig:
     """Which model: a pretrained or fine-tuned checkpoint, and the fine-tuning settings of the encoder."""
 
     init_from: str = "???"
-    """Any checkpoint ``Wav2Vec2ForCTC.from_pretrained`` reads: a pretrained one (a new head is made for the
-    dictionary) or a fine-tuned one (its head is kept and must match the dictionary)."""
+    """Any checkpoint ``Wav2Vec2ForCTC.from_pretrained`` reads (sharded training folders included): a pretrained
+    one (a new head is made for the dictionary) or a fine-tuned one (its head and vocabulary are kept: see
+    ``dictionary``)."""
     mask_prob: float = 0.75
     """Time masking in training: fraction of frames that start a span (fairseq ``mask_prob``)."""
     mask_length: int = 10
@@ -93,8 +94,11 @@ class FineTuneConfig:
     data: FinetuneDataConfig = field(default_factory=_finetune_data)
     """Audio and transcripts: manifests with labels beside them, batching (whole utterances, padded)."""
     dictionary: Optional[str] = None
-    """``dict.ltr.txt``; None = the one beside the training manifest, else built from its transcripts (and saved
-    to output_dir)."""
+    """``dict.ltr.txt``; None = a fine-tuned ``model.init_from``'s own vocabulary (its indices and blank, fairseq's,
+    Hugging Face's or ours: a ``dict.ltr.txt`` beside the manifest that differs is ignored with a warning, as the
+    head's outputs are the model's), else the ``dict.ltr.txt`` beside the training manifest, else one built from
+    its transcripts. Saved to output_dir either way. A transcript character missing from it is an error naming the
+    label file and line (``data.unk=true``: the unknown symbol, ``<unk>`` or ``[UNK]``)."""
     optim: FineTuneOptimConfig = field(default_factory=FineTuneOptimConfig)
     """Optimizer and schedule."""
     distributed: DistributedConfig = field(default_factory=DistributedConfig)

@@ -98,8 +98,8 @@ class FinetuneDataConfig:
     fairseq ``dataset.required_batch_size_multiple``."""
 
     unk: bool = False
-    """Map transcript characters missing from the dictionary to ``<unk>`` (fairseq does, silently) instead of
-    failing."""
+    """Map transcript characters missing from the dictionary to its unknown symbol (``<unk>``, HF's ``[UNK]``;
+    fairseq does, silently) instead of failing."""
 
     skip_empty: bool = False
     """Drop rows with an empty transcript (with a warning) instead of failing."""
@@ -169,9 +169,10 @@ class LabelledAudioDataset(Dataset):
 
     Items are left out (each reason counted in one warning naming the first few files, all kept in ``dropped``)
     when: longer than ``max_sample_size``; the transcript is empty and ``skip_empty``; and, given ``num_frames``
-    (samples -> encoder frames, e.g. :func:`frames_of`) and ``drop_infeasible``, too short for their transcript
-    under CTC. With ``num_frames`` but not ``drop_infeasible``, those are only counted (``infeasible``) and warned
-    about. Indices ``i`` are positions in the current epoch; ``__getitem__(i)`` returns ``{"id": i, "source":
+    (samples -> encoder frames, e.g. :func:`frames_of`), too short for one frame (empty files included: an
+    utterance without frames has nothing to attend to), and with ``drop_infeasible`` too short for their
+    transcript under CTC. With ``num_frames`` but not ``drop_infeasible``, those are only counted
+    (``infeasible``) and warned about. Indices ``i`` are positions in the current epoch; ``__getitem__(i)`` returns ``{"id": i, "source":
     float32 (S,), "target": int64 (L,)}``, or None for an unreadable file when ``skip_bad``.
     """
 
@@ -255,21 +256,26 @@ class LabelledAudioDataset(Dataset):
         if self.max_sample_size is not None:
             too_long = sizes > self.max_sample_size
             keep &= ~too_long
+        no_frame = np.zeros(len(rows), dtype=bool)
         infeasible = np.zeros(len(rows), dtype=bool)
         if self.num_frames is not None:
             frames = np.asarray(self.num_frames(sizes), dtype=np.int64)
+            no_frame = keep & (frames < 1)
+            keep &= ~no_frame
             infeasible = keep & (frames < self._min_frames[rows])
             if self.drop_infeasible:
                 keep &= ~infeasible
         if warn:
-            self._report(rows, sizes, too_long, infeasible)
+            self._report(rows, sizes, too_long, no_frame, infeasible)
         self._keep = np.flatnonzero(keep)
         self._item_rows = rows[self._keep]
         self.sizes = sizes[self._keep]
         if len(self._keep) == 0:
             raise ValueError(f"{', '.join(self.audio.manifests)}: no item left with a usable transcript")
 
-    def _report(self, rows: np.ndarray, sizes: np.ndarray, too_long: np.ndarray, infeasible: np.ndarray) -> None:
+    def _report(
+        self, rows: np.ndarray, sizes: np.ndarray, too_long: np.ndarray, no_frame: np.ndarray, infeasible: np.ndarray
+    ) -> None:
         _, first = np.unique(rows, return_index=True)  # each file once, even if a corpus is upsampled
         unique = np.zeros(len(rows), dtype=bool)
         unique[first] = True
@@ -280,6 +286,12 @@ class LabelledAudioDataset(Dataset):
             [self.audio.path(int(i)) for i in long_items],
             f"longer than {self.max_sample_size} samples (max_sample_size or max_tokens; fine-tuning never crops)",
             [int(sizes[i]) for i in long_items],
+        )
+        short_items = np.flatnonzero(unique & no_frame)
+        self._drop(
+            [self.audio.path(int(i)) for i in short_items],
+            "too short for one frame of the model's conv stack (empty or a few ms)",
+            [int(sizes[i]) for i in short_items],
         )
         bad = np.flatnonzero(unique & infeasible)
         if len(bad):

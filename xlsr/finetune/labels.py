@@ -5,7 +5,10 @@
   as fairseq's ``examples/wav2vec/libri_labels.py`` writes it (:func:`words_to_letters`);
 * ``dict.ltr.txt``: fairseq's ``Dictionary`` text file, one ``symbol count`` a line, most frequent first; the four
   specials are not in the file: ``<s>`` = 0 (the CTC blank), ``<pad>`` = 1, ``</s>`` = 2, ``<unk>`` = 3, and line k
-  (0-based) of the file is index k + 4 (:class:`Dictionary`).
+  (0-based) of the file is index k + 4 (:class:`Dictionary`). The vocabulary of a fine-tuned model in another
+  layout (e.g. Hugging Face's: letters, ``|``, ``[UNK]``, ``[PAD]`` = the blank) is saved as every symbol in index
+  order after a first line ``#xlsr:vocabulary blank=<index>`` (:meth:`Dictionary.from_vocab`), which fairseq
+  refuses to read rather than misread.
 
 Line k of ``train.ltr`` belongs to row k of ``train.tsv`` (the k-th entry after the root line), whether or not the
 audio is later dropped (too short, missing), as in fairseq's ``audio_finetuning`` task.
@@ -40,6 +43,15 @@ __all__ = [
 SPECIAL_SYMBOLS = ("<s>", "<pad>", "</s>", "<unk>")
 """fairseq's ``Dictionary`` specials, at indices 0..3; ``<s>`` (bos) is the CTC blank of ``audio_finetuning``."""
 
+UNK_SYMBOLS = ("<unk>", "[UNK]")
+"""Names of the unknown symbol in a model's vocabulary: fairseq's, Hugging Face's (its tutorials' ``[UNK]``)."""
+
+PAD_SYMBOLS = ("<pad>", "[PAD]")
+"""Names of the padding symbol (Hugging Face's CTC blank is its ``pad_token``)."""
+
+_NOT_TARGETS = ("<s>", "</s>", *PAD_SYMBOLS)  # besides the blank: symbols a transcript cannot hold
+_VOCABULARY_HEADER = "#xlsr:vocabulary"
+
 WORD_BOUNDARY = "|"
 """The letter that ends every word in ``.ltr`` files."""
 
@@ -53,18 +65,22 @@ class LabelError(ValueError):
 
 class Dictionary:
     """fairseq's ``fairseq.data.Dictionary`` for letters: specials ``<s>`` 0 (CTC blank), ``<pad>`` 1, ``</s>`` 2,
-    ``<unk>`` 3, then the symbols of ``dict.ltr.txt`` in file order.
+    ``<unk>`` 3, then the symbols of ``dict.ltr.txt`` in file order. :meth:`from_vocab` makes one of a fine-tuned
+    model's own vocabulary in any layout (then ``nspecial`` is 0 and the indices below are the model's;
+    ``eos_index`` and ``unk_index`` are None where it has no such symbol).
 
     Args:
         symbols: the non-special symbols in index order (index 4, 5, ...).
         counts: their counts (written by :meth:`save`); 0 each when not given.
     """
 
-    blank_index = 0
-    pad_index = 1
-    eos_index = 2
-    unk_index = 3
-    nspecial = len(SPECIAL_SYMBOLS)
+    blank_index: int = 0
+    pad_index: int = 1
+    eos_index: Optional[int] = 2
+    unk_index: Optional[int] = 3
+    nspecial: int = len(SPECIAL_SYMBOLS)
+    _not_targets: frozenset = frozenset({0, 1, 2})  # indices refused as CTC targets: blank, pad, eos
+    _not_text: frozenset = frozenset({0, 2})  # indices fairseq's ``Dictionary.string`` leaves out: bos (blank), eos
 
     def __init__(self, symbols: Iterable[str] = (), counts: Optional[Iterable[int]] = None):
         symbols = list(symbols)
@@ -101,7 +117,13 @@ class Dictionary:
         return self.symbols[index]
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Dictionary) and self.symbols == other.symbols
+        return (isinstance(other, Dictionary) and self.symbols == other.symbols
+                and self.blank_index == other.blank_index)
+
+    @property
+    def fairseq_layout(self) -> bool:
+        """Whether the specials are fairseq's at 0..3 (``dict.ltr.txt`` can hold it as fairseq reads it)."""
+        return self.nspecial == len(SPECIAL_SYMBOLS)
 
     def __repr__(self) -> str:
         where = f", path={self.path!r}" if self.path else ""
@@ -122,29 +144,69 @@ class Dictionary:
 
         A letter not in the dictionary is a :class:`LabelError` naming ``where`` (e.g. ``train.ltr:12``) and the
         letter, unless ``unk`` maps it to ``<unk>`` (what fairseq's ``LabelEncoder`` always does, silently).
-        The specials ``<s>``, ``<pad>`` and ``</s>`` are refused as targets (``<s>`` is the CTC blank); ``<unk>``
-        is allowed.
+        The blank and the specials ``<s>``, ``<pad>``, ``</s>`` (``[PAD]``) are refused as targets; the unknown
+        symbol is allowed.
         """
         out = []
         for sym in letters:
             idx = self._indices.get(sym)
             if idx is None:
-                if not unk:
+                if not unk or self.unk_index is None:
+                    fix = (f"map unknown characters to {self.symbols[self.unk_index]} (unk=True)"
+                           if self.unk_index is not None else "this vocabulary has no unknown symbol")
                     raise LabelError(
                         f"{where}: character {sym!r} is not in the dictionary{self._from()}; add it to the "
-                        "dictionary, or map unknown characters to <unk> (unk=True)"
+                        f"dictionary, or {fix}"
                     )
                 idx = self.unk_index
-            elif idx < self.nspecial and idx != self.unk_index:
+            elif idx in self._not_targets:
                 raise LabelError(f"{where}: the special symbol {sym!r} cannot be a CTC target")
             out.append(idx)
         return out
 
     def string(self, indices: Iterable[int]) -> str:
-        """Letter tokens of ``indices`` joined by spaces, ``<s>`` and ``</s>`` left out (fairseq's
+        """Letter tokens of ``indices`` joined by spaces, the blank, ``<s>`` and ``</s>`` left out (fairseq's
         ``Dictionary.string``); :func:`letters_to_words` turns the result into words."""
-        skip = (self.blank_index, self.eos_index)
-        return " ".join(self.symbols[int(i)] for i in indices if int(i) not in skip)
+        return " ".join(self.symbols[int(i)] for i in indices if int(i) not in self._not_text)
+
+    @classmethod
+    def from_vocab(cls, symbols: Sequence[str], blank_index: int, unk_symbol: Optional[str] = None) -> "Dictionary":
+        """The dictionary of a fine-tuned model's vocabulary: ``symbols[i]`` is output ``i``, ``blank_index`` the CTC
+        blank (``Wav2Vec2ForCTC.vocab`` and ``.blank_index``).
+
+        fairseq's layout (``<s>`` ``<pad>`` ``</s>`` ``<unk>`` first, blank 0) gives a plain :class:`Dictionary`;
+        any other (Hugging Face: ``[PAD]`` = blank, ``[UNK]``) keeps the model's indices: the unknown symbol is
+        ``unk_symbol``, else the first of ``<unk>``/``[UNK]`` present; padding is ``<pad>``/``[PAD]``, else the blank.
+
+        Raises:
+            ValueError: ``blank_index`` outside the vocabulary, ``unk_symbol`` not in it, a repeated symbol, or a
+                symbol that is empty or holds whitespace.
+        """
+        symbols = [str(s) for s in symbols]
+        if not 0 <= blank_index < len(symbols):
+            raise ValueError(f"blank index {blank_index} is outside the vocabulary of {len(symbols)} symbols")
+        if unk_symbol is not None and unk_symbol not in symbols:
+            raise ValueError(f"unknown symbol {unk_symbol!r} is not in the vocabulary")
+        fairseq_specials = symbols[: len(SPECIAL_SYMBOLS)] == list(SPECIAL_SYMBOLS)
+        if fairseq_specials and blank_index == 0 and unk_symbol in (None, "<unk>"):
+            return cls(symbols[len(SPECIAL_SYMBOLS) :])
+        d = cls()
+        d.symbols, d.counts, d._indices = [], [], {}
+        for sym in symbols:
+            d._add(sym, 0)
+
+        def first_of(names: Sequence[str]) -> Optional[int]:
+            return next((d._indices[n] for n in names if n in d._indices), None)
+
+        d.nspecial = 0
+        d.blank_index = blank_index
+        d.unk_index = d._indices[unk_symbol] if unk_symbol is not None else first_of(UNK_SYMBOLS)
+        pad = first_of(PAD_SYMBOLS)
+        d.pad_index = blank_index if pad is None else pad
+        d.eos_index = d._indices.get("</s>")
+        d._not_targets = frozenset({blank_index, *(d._indices[n] for n in _NOT_TARGETS if n in d._indices)})
+        d._not_text = frozenset({blank_index, *(d._indices[n] for n in ("<s>", "</s>") if n in d._indices)})
+        return d
 
     # ------------------------------------------------------------------ files
 
@@ -163,6 +225,8 @@ class Dictionary:
             lines = read_text_lines(path)
         except UnicodeDecodeError as err:
             raise LabelError(f"{path}: not UTF-8 text ({err})") from None
+        if lines and lines[0].split(" ")[0] == _VOCABULARY_HEADER:
+            return cls._load_vocabulary(path, lines)
         d = cls()
         for number, raw in enumerate(lines, start=1):
             line = raw.rstrip()
@@ -183,10 +247,41 @@ class Dictionary:
         d.path = path
         return d
 
+    @classmethod
+    def _load_vocabulary(cls, path: str, lines: list[str]) -> "Dictionary":
+        """A file :meth:`save` wrote for a vocabulary not in fairseq's layout (header, then every symbol)."""
+        header = lines[0].split()
+        fields = dict(item.partition("=")[::2] for item in header[1:])
+        try:
+            blank_index = int(fields["blank"])
+        except (KeyError, ValueError):
+            raise LabelError(f"{path}:1: expected '{_VOCABULARY_HEADER} blank=<index>', found {lines[0]!r}") from None
+        symbols, counts = [], []
+        for number, raw in enumerate(lines[1:], start=2):
+            sym, sep, field = raw.rstrip().rpartition(" ")
+            if not sep or not sym or not field.lstrip("-").isdigit():
+                raise LabelError(f"{path}:{number}: expected '<symbol> <count>', found {raw!r}")
+            symbols.append(sym)
+            counts.append(int(field))
+        try:
+            d = cls.from_vocab(symbols, blank_index, fields.get("unk"))
+        except ValueError as err:
+            raise LabelError(f"{path}: {err}") from None
+        d.counts = counts
+        d.path = path
+        return d
+
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the dictionary file (the non-special symbols with their counts), atomically."""
-        pairs = zip(self.symbols[self.nspecial :], self.counts[self.nspecial :])
-        text = "".join(f"{sym} {count}\n" for sym, count in pairs)
+        """Write the dictionary file, atomically: fairseq's layout as fairseq's ``dict.ltr.txt`` (the non-special
+        symbols with their counts), any other as every symbol after a ``#xlsr:vocabulary blank=<index>`` line."""
+        if self.fairseq_layout:
+            header = ""
+            pairs = zip(self.symbols[self.nspecial :], self.counts[self.nspecial :])
+        else:
+            unk = "" if self.unk_index is None else f" unk={self.symbols[self.unk_index]}"
+            header = f"{_VOCABULARY_HEADER} blank={self.blank_index}{unk}\n"
+            pairs = zip(self.symbols, self.counts)
+        text = header + "".join(f"{sym} {count}\n" for sym, count in pairs)
         return write_text_atomic(path, text)
 
     @classmethod

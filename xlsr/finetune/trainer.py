@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from xlsr.checkpoints import CheckpointError
+from xlsr.checkpoints.ctc import is_ctc_checkpoint
 from xlsr.ctc import CTCOutput, Wav2Vec2ForCTC
 from xlsr.finetune.config import FineTuneConfig
 from xlsr.finetune.data import build_finetune_dataloader, frames_of
@@ -95,18 +95,33 @@ class FineTuner(Trainer):
             self.dictionary.save(self.output_dir / "dict.ltr.txt")
 
     # ------------------------------------------------------------------ the task
-    @staticmethod
-    def _dictionary(cfg: FineTuneConfig) -> Dictionary:
-        """``cfg.dictionary``, else ``dict.ltr.txt`` beside the (first) training manifest, else built from its
-        transcripts (the same on every rank)."""
+    def _dictionary(self, cfg: FineTuneConfig) -> Dictionary:
+        """The targets' dictionary (the same on every rank), the first of: ``cfg.dictionary``; the vocabulary of
+        ``model.init_from`` when it is fine-tuned (its output indices and blank: a ``dict.ltr.txt`` beside the
+        manifest that differs is not used, with a warning); ``dict.ltr.txt`` beside the (first) training manifest;
+        one built from its transcripts. Records in ``self._continue`` whether ``init_from`` is fine-tuned."""
         first_manifest = cfg.data.manifest.split(",")[0].strip()
-        path = cfg.dictionary or dictionary_path(first_manifest)
-        if Path(path).is_file():
-            return Dictionary.load(path)
+        beside = dictionary_path(first_manifest)
+        if not Path(first_manifest).is_file():  # named before the checkpoint is looked at
+            raise FileNotFoundError(f"data.manifest={first_manifest}: no such file")
+        self._continue = is_ctc_checkpoint(cfg.model.init_from)
         if cfg.dictionary:
-            raise FileNotFoundError(f"dictionary={cfg.dictionary}: no such file")
+            if not Path(cfg.dictionary).is_file():
+                raise FileNotFoundError(f"dictionary={cfg.dictionary}: no such file")
+            return Dictionary.load(cfg.dictionary)
+        if self._continue:
+            model = Wav2Vec2ForCTC.from_pretrained(cfg.model.init_from)
+            dictionary = Dictionary.from_vocab(model.vocab, model.blank_index)
+            del model
+            if Path(beside).is_file() and Dictionary.load(beside) != dictionary:
+                logger.warning("%s differs from the vocabulary of the fine-tuned model %s (%d symbols, blank %d): "
+                               "training on the model's vocabulary", beside, cfg.model.init_from, len(dictionary),
+                               dictionary.blank_index)
+            return dictionary
+        if Path(beside).is_file():
+            return Dictionary.load(beside)
         rows = [r for r in read_labels(first_manifest, cfg.data.labels, skip_empty=True) if r is not None]
-        logger.info("no %s: building the dictionary from the %d transcripts of %s", path, len(rows), first_manifest)
+        logger.info("no %s: building the dictionary from the %d transcripts of %s", beside, len(rows), first_manifest)
         return Dictionary.from_transcripts(rows)
 
     def build_model(self) -> Wav2Vec2ForCTC:
@@ -120,19 +135,17 @@ class FineTuner(Trainer):
             ctc_loss_reduction="sum",
         )
         symbols = list(self.dictionary.symbols)
-        try:
+        if self._continue:
             model = Wav2Vec2ForCTC.from_pretrained(m.init_from, **settings)
-        except CheckpointError as err:  # not a CTC checkpoint: a pretrained encoder, and a new head for the dictionary
-            if "not a CTC model" not in str(err):
-                raise
-            model = Wav2Vec2ForCTC.from_pretrained(m.init_from, vocab=symbols, **settings)
-            logger.info("initialised the encoder from %s; new output layer for %d symbols", m.init_from, len(symbols))
-        else:
             if model.vocab != symbols:
-                raise ValueError(f"{m.init_from}: its vocabulary ({len(model.vocab)} symbols) differs from the "
-                                 f"dictionary ({len(symbols)}); give model.init_from a pretrained checkpoint or the "
-                                 "dictionary it was trained with")
+                raise ValueError(f"{m.init_from}: its vocabulary ({len(model.vocab)} symbols) differs from "
+                                 f"dictionary={self.cfg.dictionary} ({len(symbols)}); leave dictionary unset to train "
+                                 "on the model's own vocabulary, or give model.init_from a pretrained model")
             logger.info("continuing from the fine-tuned model %s", m.init_from)
+        else:  # a pretrained encoder, and a new head for the dictionary
+            model = Wav2Vec2ForCTC.from_pretrained(m.init_from, vocab=symbols,
+                                                   blank_index=self.dictionary.blank_index, **settings)
+            logger.info("initialised the encoder from %s; new output layer for %d symbols", m.init_from, len(symbols))
         model.wav2vec2.set_activation_checkpointing(m.activation_checkpointing)
         return model
 
