@@ -14,8 +14,9 @@ import jiwer
 import pytest
 import torch
 
-pytest.importorskip("pyctcdecode")
-pytest.importorskip("kenlm")
+LM_MISSING = 'LM decoding needs pyctcdecode and kenlm: pip install "xlsr[lm]"; this module is skipped'
+pytest.importorskip("pyctcdecode", reason=LM_MISSING)
+pytest.importorskip("kenlm", reason=LM_MISSING)
 
 from test_transcribe import digits_test_set, letter_model, one_by_one, printed_rates, waveform  # noqa: E402,F401
 from xlsr.ctc import ctc_greedy_units, letters_to_text  # noqa: E402
