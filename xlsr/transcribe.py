@@ -290,7 +290,11 @@ def main(argv: Iterable[str] | None = None) -> int:
 
     from xlsr.ctc import Wav2Vec2ForCTC
 
-    model = Wav2Vec2ForCTC.from_pretrained(args.model)
+    try:
+        model = Wav2Vec2ForCTC.from_pretrained(args.model)
+    except (OSError, ValueError) as err:  # no such checkpoint, not a CTC model: errors that name it
+        print(f"error: cannot load the model {args.model}: {err}", file=sys.stderr)
+        return 2
     decoder = None
     if args.lm is not None:
         from xlsr.lm_decode import LMDecoder
@@ -322,6 +326,8 @@ def main(argv: Iterable[str] | None = None) -> int:
             write_text_atomic(args.output, kept)
             logger.info("%s: %d of %d files already transcribed, %d to go", args.output, len(texts), len(paths),
                         len(todo))
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
         stream = open(args.output, "a" if args.resume else "w", encoding="utf-8")
     else:
         stream = sys.stdout
