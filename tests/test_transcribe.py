@@ -240,3 +240,21 @@ def test_score_needs_a_manifest_with_labels(letter_model, tmp_path, capsys):
     assert main([str(model_dir), "--manifest", str(manifest), "--score", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and str(manifest.with_suffix(".ltr")) in err and "1 line(s)" in err
+
+
+def test_score_leaves_out_failed_files_and_empty_references(letter_model, tmp_path, capsys):
+    model_dir, _ = letter_model
+    names = ["4.flac", "missing.flac", "8.flac", "13.flac"]
+    words = ["FOUR", "", "", "THIRTEEN"]  # the missing file, and 8.flac with an empty transcript
+    manifest = tmp_path / "test.tsv"
+    manifest.write_text(f"{DIGITS}\n" + "".join(f"{name}\t16000\n" for name in names))
+    (tmp_path / "test.wrd").write_text("".join(w + "\n" for w in words))
+    out = tmp_path / "out.jsonl"
+    assert main([str(model_dir), "--manifest", str(manifest), "--score", "--labels", "wrd", "--no-progress",
+                 "--output", str(out)]) == 1
+    lines = {Path(line["path"]).name: line for line in read_jsonl(out)}
+    assert "error" in lines["missing.flac"] and lines["8.flac"]["reference"] is None and "text" in lines["8.flac"]
+    refs, hyps = ["FOUR", "THIRTEEN"], [lines["4.flac"]["text"], lines["13.flac"]["text"]]
+    printed = capsys.readouterr().out
+    assert "scored 2 utterances" in printed and "(not scored: 1 failed; 1 with an empty reference)" in printed
+    assert printed_rates(printed) == (round(100 * jiwer.wer(refs, hyps), 2), round(100 * jiwer.cer(refs, hyps), 2))
