@@ -10,13 +10,15 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import jiwer
 import pytest
 import torch
 
-pytest.importorskip("pyctcdecode")
-pytest.importorskip("kenlm")
+LM_MISSING = 'LM decoding needs pyctcdecode and kenlm: pip install "xlsr[lm]"; this module is skipped'
+pytest.importorskip("pyctcdecode", reason=LM_MISSING)
+pytest.importorskip("kenlm", reason=LM_MISSING)
 
-import xlsr  # noqa: E402
+from test_transcribe import digits_test_set, letter_model, one_by_one, printed_rates, waveform  # noqa: E402,F401
 from xlsr.ctc import ctc_greedy_units, letters_to_text  # noqa: E402
 from xlsr.lm_decode import LMDecoder, arpa_unigrams, decoder_labels  # noqa: E402
 
@@ -131,40 +133,43 @@ def test_arpa_unigrams_and_missing_file(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def digits_model(tmp_path_factory):
-    """A tiny random CTC model over the digits transcripts' letters, an ARPA LM of those transcripts, 2 files."""
-    dest = tmp_path_factory.mktemp("lm_digits")
+def digits_lm(tmp_path_factory):
+    """An ARPA bigram LM of the 21 digit transcripts (upper case, as ctc_mini's letters)."""
     sentences = [line.split("\t")[1] for line in (DIGITS / "transcripts.tsv").read_text().splitlines() if line]
-    vocab = SPECIALS + ["|"] + sorted(set("".join(sentences)) - {" "})
-    torch.manual_seed(0)
-    cfg = xlsr.CTCConfig(encoder=xlsr.Wav2Vec2Config.from_preset("tiny"), vocab_size=len(vocab))
-    xlsr.Wav2Vec2ForCTC(cfg, vocab).save_pretrained(dest / "model")
-    return dest / "model", write_arpa(dest / "digits.arpa", sentences), [str(DIGITS / "1.flac"),
-                                                                         str(DIGITS / "20.flac")]
+    return write_arpa(tmp_path_factory.mktemp("lm_digits") / "digits.arpa", sentences)
 
 
-def test_transcribe_command_with_lm(digits_model, tmp_path):
-    model_dir, lm, files = digits_model
+def test_transcribe_command_with_lm_scores_its_transcripts(letter_model, digits_lm, tmp_path):
+    """--lm over several batches of a manifest with --score: each text is the LM decoder's on that file alone,
+    and the printed WER / CER are jiwer's of the written lines."""
+    model_dir, model = letter_model
+    manifest, references = digits_test_set(tmp_path / "data")
     out = tmp_path / "out.jsonl"
-    result = subprocess.run([sys.executable, "-m", "xlsr.transcribe", str(model_dir), *files, "--no-progress",
-                             "--lm", str(lm), "--lm-alpha", "0.7", "--beam-width", "16", "--output", str(out)],
+    result = subprocess.run([sys.executable, "-m", "xlsr.transcribe", str(model_dir), "--manifest", str(manifest),
+                             "--score", "--batch-seconds", "3", "--no-progress", "--lm", str(digits_lm),
+                             "--lm-alpha", "0.7", "--beam-width", "16", "--output", str(out)],
                             cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    lines = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [line["path"] for line in lines] == files
-    assert all(isinstance(line["text"], str) for line in lines)
-    from xlsr.transcribe import transcribe
+    lines = sorted((json.loads(line) for line in out.read_text().splitlines()), key=lambda line: line["index"])
+    paths = [line["path"] for line in lines]
+    assert sorted(Path(p).name for p in paths) == sorted(p.name for p in DIGITS.glob("*.flac"))
+    decoder = LMDecoder(model.vocab, digits_lm, blank_index=model.blank_index, alpha=0.7, beam_width=16)
+    with torch.inference_mode():
+        alone = [decoder.decode(model(waveform(model, p)).log_probs)[0] for p in paths]
+    hyps = [line["text"] for line in lines]
+    assert hyps == alone
+    assert hyps != one_by_one(model, paths)  # (the LM changed something)
+    assert len(set("".join(hyps)) - {" "}) > 1
+    refs = [references[Path(p).name] for p in paths]
+    wer, cer = printed_rates(result.stdout)
+    assert wer == round(100 * jiwer.wer(refs, hyps), 2) and cer == round(100 * jiwer.cer(refs, hyps), 2)
 
-    model = xlsr.Wav2Vec2ForCTC.from_pretrained(model_dir)
-    decoder = LMDecoder(model.vocab, lm, blank_index=model.blank_index, alpha=0.7, beam_width=16)
-    assert [line["text"] for line in lines] == transcribe(model, files, progress=False, decoder=decoder)
 
-
-def test_transcribe_missing_lm_is_a_one_line_error(digits_model, tmp_path):
-    model_dir, _, files = digits_model
+def test_transcribe_missing_lm_is_a_one_line_error(letter_model, tmp_path):
+    model_dir, _ = letter_model
     missing = tmp_path / "no.arpa"
-    result = subprocess.run([sys.executable, "-m", "xlsr.transcribe", str(model_dir), *files, "--lm", str(missing)],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "xlsr.transcribe", str(model_dir), str(DIGITS / "1.flac"),
+                             "--lm", str(missing)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"error: no such LM file: {missing}"]
 

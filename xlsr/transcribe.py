@@ -1,11 +1,29 @@
-"""``python -m xlsr.transcribe MODEL AUDIO... [--manifest M] [--batch-seconds S] [--device D] [--output out.jsonl]
-[--lm LM [--lm-alpha A] [--lm-beta B] [--beam-width W]]``
+"""``python -m xlsr.transcribe MODEL AUDIO... [--manifest M [--score [--labels ltr|wrd]]] [--batch-seconds S]
+[--device D] [--output out.jsonl [--resume]] [--lm LM [--lm-alpha A] [--lm-beta B] [--beam-width W]]``
 
 CTC transcription with a fine-tuned model (any checkpoint ``Wav2Vec2ForCTC.from_pretrained`` reads: fairseq
 ``wav2vec_ctc`` .pt, a Hugging Face ``Wav2Vec2ForCTC`` folder, ours). Files are read with the same checks as
-training (other sample rates are resampled with a warning where ``soxr`` is installed, else an error), sorted by
-length and batched up to ``--batch-seconds`` of padded audio, and written as one JSON line per file
-(``{"path": ..., "text": ...}``) to ``--output`` or standard output, in the order given.
+training (other sample rates are resampled where ``soxr`` is installed), sorted by length and batched up to
+``--batch-seconds`` of padded audio.
+
+Output: one JSON line per file, ``{"index": i, "path": ..., "text": ...}`` (``index``: the file's position in the
+input, audio arguments first, then the manifest's rows), to ``--output`` or standard output. Lines are written in
+the order the files are done (longest batch first; within a batch, in input order) and flushed after every batch,
+so a run that is stopped or killed keeps every transcript finished before it: only the batch in progress is lost
+(sort by ``index`` for the input order). ``--resume`` keeps the transcripts already in ``--output`` (a line torn by
+a kill is dropped), transcribes only the other files (failed ones again) and appends them.
+
+A file that cannot be used (missing, undecodable, empty, NaN samples, another sample rate without ``soxr``, or too
+short for one frame of the model: under 400 samples for the usual conv stack) is written as
+``{"index": i, "path": ..., "error": "<path>: <reason>"}`` and logged; the other files go on, and the exit status
+is 1 when any failed (2 for a bad command line, model, LM, manifest or label file; 0 when all were transcribed).
+
+``--score`` (with ``--manifest``): the references are the label file beside the manifest, read as fine-tuning
+reads it (``test.tsv`` -> ``test.ltr``, or ``test.wrd`` with ``--labels wrd``); each line also holds its
+``reference`` (null for an empty one), and the corpus WER and CER (percent, ``xlsr.finetune.wer``: the definition of
+fine-tuning's validation) are printed at the end over the files transcribed (failed ones and empty references are
+counted, not scored), to standard output, or to standard error when the transcripts go to standard output.
+fairseq's ``examples/speech_recognition/infer.py`` prints the WER only, from its own edit distance.
 
 Decoding is greedy by default (fairseq's ``viterbi`` decoder). With ``--lm`` (a KenLM n-gram model, ARPA or
 binary, spelt like the model's vocabulary) it is a beam search of ``--beam-width`` hypotheses scoring acoustic
@@ -19,17 +37,33 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+import warnings
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence, TextIO
 
 import torch
 
 from xlsr.audio import AudioError, audio_info, load_audio, normalize_waveform
+from xlsr.modules.feature_encoder import receptive_field
 
 if TYPE_CHECKING:
     from xlsr.lm_decode import LMDecoder
 
 logger = logging.getLogger("xlsr.transcribe")
+
+
+@dataclass
+class Transcript:
+    """One file's result: its ``text``, or ``error`` (a message naming the file) when it could not be used.
+
+    ``index``: the file's position in the list given to :func:`iter_transcripts`; ``exception``: the error raised.
+    """
+
+    index: int
+    path: str
+    text: str | None = None
+    error: str | None = None
+    exception: BaseException | None = field(default=None, repr=False, compare=False)
 
 
 def length_sorted_batches(lengths: Sequence[int], max_samples: int) -> list[list[int]]:
@@ -56,40 +90,93 @@ def pad_batch(waveforms: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Te
     return source, (padding_mask if padding_mask.any() else None)
 
 
+def _failed(index: int, path: str, err: BaseException) -> Transcript:
+    return Transcript(index, path, error=str(err), exception=err)
+
+
 @torch.inference_mode()
-def transcribe(model, paths: Sequence[str], *, batch_seconds: float = 60.0, device: str = "cpu",
-               progress: bool = True, decoder: LMDecoder | None = None) -> list[str]:
-    """Transcripts of the audio files ``paths`` (in that order) with a ``Wav2Vec2ForCTC``: greedy, or the
-    ``decoder``'s LM beam search (built for ``model.vocab``) over each batch's log-probs."""
+def iter_transcripts(model, paths: Sequence[str], *, batch_seconds: float = 60.0, device: str = "cpu",
+                     progress: bool = True, decoder: LMDecoder | None = None) -> Iterator[list[Transcript]]:
+    """Transcribe the audio files ``paths`` with a ``Wav2Vec2ForCTC``, yielding each batch's results as soon as
+    they are decoded (greedy, or the ``decoder``'s LM beam search built for ``model.vocab``).
+
+    Yields:
+        Lists of :class:`Transcript`, in input order within each list: first those whose header cannot be read,
+        then one list per batch (longest audio first). A file that cannot be used (:class:`~xlsr.audio.AudioError`,
+        ``soxr`` missing for another sample rate, fewer samples than one frame needs) has ``error`` set; every
+        path appears exactly once.
+    """
     encoder_cfg = model.cfg.encoder
     rate = encoder_cfg.sample_rate
-    lengths = []
-    for path in paths:
-        frames, file_rate, _ = audio_info(path)
-        lengths.append(int(round(frames * rate / file_rate)))
-    batches = length_sorted_batches(lengths, int(batch_seconds * rate))
-    texts: list[str] = [""] * len(paths)
-    model = model.to(device).eval()
+    min_samples = receptive_field(encoder_cfg.conv_layers)
+    lengths: dict[int, int] = {}
+    unreadable: list[Transcript] = []
+    for index, path in enumerate(paths):
+        try:
+            frames, file_rate, _ = audio_info(path)
+        except AudioError as err:
+            unreadable.append(_failed(index, path, err))
+            continue
+        lengths[index] = int(round(frames * rate / file_rate))
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=len(paths), unit="file", desc="transcribe")
-    for batch in batches:
-        waveforms = []
-        for index in batch:
-            wav = torch.from_numpy(load_audio(paths[index], rate, resample=True))
-            waveforms.append(normalize_waveform(wav) if encoder_cfg.normalize else wav)
-        source, padding_mask = pad_batch(waveforms)
-        out = model(source.to(device), None if padding_mask is None else padding_mask.to(device))
-        batch_texts = model.decode(out) if decoder is None else decoder.decode(out.log_probs, out.lengths)
-        for index, text in zip(batch, batch_texts):
-            texts[index] = text
+    if unreadable:
         if bar is not None:
-            bar.update(len(batch))
+            bar.update(len(unreadable))
+        yield unreadable
+    readable = list(lengths)
+    batches = length_sorted_batches([lengths[i] for i in readable], int(batch_seconds * rate))
+    model = model.to(device).eval()
+    for batch in batches:
+        results: list[Transcript] = []
+        waveforms, decoded = [], []
+        for index in sorted(readable[b] for b in batch):
+            try:
+                wav = torch.from_numpy(load_audio(paths[index], rate, resample=True))
+                if wav.shape[0] < min_samples:
+                    raise AudioError(paths[index], f"too short: {wav.shape[0]} samples at {rate} Hz, the model "
+                                                   f"needs at least {min_samples} for one frame")
+            except (AudioError, ImportError) as err:  # ImportError: soxr, named with the file and the fix
+                results.append(_failed(index, paths[index], err))
+                continue
+            waveforms.append(normalize_waveform(wav) if encoder_cfg.normalize else wav)
+            decoded.append(index)
+        if waveforms:
+            source, padding_mask = pad_batch(waveforms)
+            out = model(source.to(device), None if padding_mask is None else padding_mask.to(device))
+            texts = model.decode(out) if decoder is None else decoder.decode(out.log_probs, out.lengths)
+            results += [Transcript(index, paths[index], text=text) for index, text in zip(decoded, texts)]
+        results.sort(key=lambda item: item.index)
+        if bar is not None:
+            bar.update(len(results))
+        yield results
     if bar is not None:
         bar.close()
+
+
+def transcribe(model, paths: Sequence[str], *, batch_seconds: float = 60.0, device: str = "cpu",
+               progress: bool = True, decoder: LMDecoder | None = None) -> list[str]:
+    """Transcripts of the audio files ``paths`` (in that order): :func:`iter_transcripts` collected.
+
+    Raises:
+        AudioError: the first file that cannot be used (ImportError: another sample rate without ``soxr``).
+    """
+    texts: list[str] = [""] * len(paths)
+    for results in iter_transcripts(model, paths, batch_seconds=batch_seconds, device=device, progress=progress,
+                                    decoder=decoder):
+        for item in results:
+            if item.exception is not None:
+                raise item.exception
+            texts[item.index] = item.text
     return texts
+
+
+# ---------------------------------------------------------------------------------------------- command line
+class _InputError(Exception):
+    """A bad manifest, label or output file: one line on standard error, exit status 2."""
 
 
 def _manifest_paths(manifest: str) -> list[str]:
@@ -99,15 +186,78 @@ def _manifest_paths(manifest: str) -> list[str]:
     return [os.path.join(root, rel) for rel, _ in entries]
 
 
+def _references(manifest: str, labels: str, num_rows: int) -> list[str | None]:
+    """The reference words of each manifest row (None for an empty transcript), as fine-tuning's validation
+    makes them: the label file's letters -> words."""
+    from xlsr.finetune.labels import letters_to_words, read_labels
+
+    with warnings.catch_warnings(record=True) as caught:  # (empty transcripts: counted in the score line)
+        warnings.simplefilter("always")
+        rows = read_labels(manifest, labels, num_rows, skip_empty=True)
+    for warning in caught:
+        logger.warning("%s", warning.message)
+    return [None if tokens is None else letters_to_words(" ".join(tokens)) for tokens in rows]
+
+
+def _previous_transcripts(path: str) -> dict[str, dict]:
+    """The transcribed lines of an earlier run's output ``path``, by audio path (error lines left out, to be
+    tried again). A last line torn by a kill is dropped with a warning; any other bad line is an _InputError."""
+    from xlsr.text import read_text_file
+
+    try:
+        text = read_text_file(path)
+    except UnicodeDecodeError as err:
+        raise _InputError(f"{path}: not UTF-8 text ({err}); not a transcribe output to resume") from None
+    lines = text.split("\n")
+    done: dict[str, dict] = {}
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            valid = isinstance(record, dict) and isinstance(record.get("path"), str) and (
+                isinstance(record.get("text"), str) or "error" in record)
+        except json.JSONDecodeError:
+            valid = False
+        if not valid:
+            if number == len(lines):  # no newline after it: cut short by a kill
+                logger.warning("%s:%d: dropped a torn last line (%d characters)", path, number, len(line))
+                continue
+            raise _InputError(f"{path}:{number}: not a transcribe output line: {line[:80]!r}")
+        if "text" in record:
+            done[record["path"]] = record
+    return done
+
+
+def _score_line(pairs: list[tuple[str, str]], failed: int, unreferenced: int, labels_path: str) -> str:
+    from xlsr.finetune.wer import error_counts
+
+    refs, hyps = [r for r, _ in pairs], [h for _, h in pairs]
+    word_edits, words = error_counts(refs, hyps, unit="word")
+    char_edits, chars = error_counts(refs, hyps, unit="char")
+    percent = lambda e, n: f"{100.0 * e / n:.2f} %" if n else "nan"  # noqa: E731
+    notes = [f"{failed} failed" if failed else "", f"{unreferenced} with an empty reference" if unreferenced else ""]
+    notes = "; ".join(note for note in notes if note)
+    return (f"scored {len(pairs)} utterances against {labels_path}" + (f" (not scored: {notes})" if notes else "")
+            + f": WER {percent(word_edits, words)} ({word_edits} errors / {words} words), "
+            f"CER {percent(char_edits, chars)} ({char_edits} errors / {chars} characters)")
+
+
 def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xlsr.transcribe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", help="fine-tuned checkpoint (fairseq .pt, Hugging Face folder, or ours)")
     parser.add_argument("audio", nargs="*", help="audio files")
     parser.add_argument("--manifest", help="a fairseq manifest (train.tsv layout) of more files")
+    parser.add_argument("--score", action="store_true",
+                        help="WER/CER against the labels beside --manifest (test.tsv -> test.ltr / test.wrd)")
+    parser.add_argument("--labels", choices=("ltr", "wrd"), default="ltr",
+                        help="label file of --score: letters (.ltr, default) or words (.wrd)")
     parser.add_argument("--batch-seconds", type=float, default=60.0, help="padded audio per batch (default 60)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", help="JSON lines file (default: standard output)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the transcripts already in --output and transcribe only the other files")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--lm", help="KenLM n-gram model (ARPA or binary) for beam search (default: greedy)")
     parser.add_argument("--lm-alpha", type=float, default=0.5, help="LM weight (default 0.5)")
@@ -116,20 +266,35 @@ def main(argv: Iterable[str] | None = None) -> int:
     args = parser.parse_args(list(argv) if argv is not None else None)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
-    from xlsr.ctc import Wav2Vec2ForCTC
-
-    paths = list(args.audio) + (_manifest_paths(args.manifest) if args.manifest else [])
-    if not paths:
+    if args.score and (args.manifest is None or args.audio):
+        parser.error("--score scores the files of --manifest against its labels: give --manifest and no audio files")
+    if args.resume and args.output is None:
+        parser.error("--resume needs --output (the file to continue)")
+    if args.beam_width < 1:
+        parser.error(f"--beam-width must be positive, got {args.beam_width}")
+    if not args.audio and not args.manifest:
         parser.error("no audio: give files and/or --manifest")
-    missing = [p for p in paths if not os.path.isfile(p)]
-    if missing:
-        parser.error("no such file: " + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
+    try:
+        paths = list(args.audio) + (_manifest_paths(args.manifest) if args.manifest else [])
+        references = _references(args.manifest, args.labels, len(paths)) if args.score else None
+        done = _previous_transcripts(args.output) if args.resume and os.path.isfile(args.output) else {}
+    except (_InputError, OSError, ValueError) as err:  # ManifestError, LabelError: ValueErrors naming file and line
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if not paths:
+        print(f"error: {args.manifest}: no files in the manifest", file=sys.stderr)
+        return 2
     if args.lm is not None and not os.path.isfile(args.lm):
         print(f"error: no such LM file: {args.lm}", file=sys.stderr)
         return 2
-    if args.beam_width < 1:
-        parser.error(f"--beam-width must be positive, got {args.beam_width}")
-    model = Wav2Vec2ForCTC.from_pretrained(args.model)
+
+    from xlsr.ctc import Wav2Vec2ForCTC
+
+    try:
+        model = Wav2Vec2ForCTC.from_pretrained(args.model)
+    except (OSError, ValueError) as err:  # no such checkpoint, not a CTC model: errors that name it
+        print(f"error: cannot load the model {args.model}: {err}", file=sys.stderr)
+        return 2
     decoder = None
     if args.lm is not None:
         from xlsr.lm_decode import LMDecoder
@@ -144,21 +309,62 @@ def main(argv: Iterable[str] | None = None) -> int:
         except OSError as err:  # kenlm: not an ARPA / binary LM
             print(f"error: cannot read the LM {args.lm}: {err}", file=sys.stderr)
             return 2
-    try:
-        texts = transcribe(model, paths, batch_seconds=args.batch_seconds, device=args.device,
-                           progress=not args.no_progress, decoder=decoder)
-    except AudioError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    lines = [json.dumps({"path": path, "text": text}, ensure_ascii=False) for path, text in zip(paths, texts)]
+
+    texts: dict[int, str] = {}  # input index -> transcript, of this run and the resumed one
+    todo = []
+    for index, path in enumerate(paths):
+        if path in done:
+            texts[index] = done[path]["text"]
+        else:
+            todo.append(index)
+    stream: TextIO
     if args.output:
         from xlsr.files import write_text_atomic
 
-        write_text_atomic(Path(args.output), "".join(line + "\n" for line in lines))
-        logger.info("wrote %d transcripts to %s", len(lines), args.output)
+        if args.resume:  # the kept lines only (no error lines, no torn line), then this run's appended
+            kept = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in done.values())
+            write_text_atomic(args.output, kept)
+            logger.info("%s: %d of %d files already transcribed, %d to go", args.output, len(texts), len(paths),
+                        len(todo))
+        else:
+            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        stream = open(args.output, "a" if args.resume else "w", encoding="utf-8")
     else:
-        print("\n".join(lines))
-    return 0
+        stream = sys.stdout
+    failed = 0
+    try:
+        for results in iter_transcripts(model, [paths[i] for i in todo], batch_seconds=args.batch_seconds,
+                                        device=args.device, progress=not args.no_progress, decoder=decoder):
+            lines = []
+            for item in results:
+                index = todo[item.index]
+                record: dict = {"index": index, "path": item.path}
+                if item.error is not None:
+                    failed += 1
+                    logger.error("%s", item.error)
+                    record["error"] = item.error
+                else:
+                    texts[index] = record["text"] = item.text
+                if references is not None:
+                    record["reference"] = references[index]
+                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+            stream.write("".join(lines))
+            stream.flush()
+    finally:
+        if stream is not sys.stdout:
+            stream.close()
+    if args.output:
+        logger.info("wrote %d transcripts to %s", len(todo) - failed, args.output)
+    if failed:
+        logger.error("%d of %d files could not be transcribed (their error lines name them)", failed, len(todo))
+    if references is not None:
+        from xlsr.finetune.labels import label_path
+
+        pairs = [(references[i], texts[i]) for i in sorted(texts) if references[i] is not None]
+        unreferenced = sum(1 for i in texts if references[i] is None)
+        summary = _score_line(pairs, failed, unreferenced, label_path(args.manifest, args.labels))
+        print(summary, file=sys.stdout if args.output else sys.stderr, flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
