@@ -4,6 +4,7 @@ damaged shards."""
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -259,14 +260,83 @@ def test_from_pretrained_reads_a_sharded_checkpoint_folder(fsdp_run):
     assert model.checkpoint_info["num_updates"] == 6
 
 
-def test_fp16_under_fsdp_scales_the_loss_on_every_rank(speech, tmp_path):  # noqa: F811
+OVERFLOW_ON_ONE_RANK = """
+import json, logging, math, sys
+import torch.distributed as dist
+from xlsr.pretrain import trainer
+from xlsr.pretrain.config import compose_config
+
+real_step = trainer.optimizer_step
+done = {"updated": False, "injected": False}
+
+def step_with_an_inf_on_the_last_rank(params, optimizer, scaler, scale, clip_norm):
+    # once, after the first update was made: an inf in the last gradient element of the first parameter, which
+    # only the last rank holds under FSDP (its shard); in one process, the same element
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if done["updated"] and not done["injected"]:
+        done["injected"] = True
+        if rank == world - 1:
+            grad = next(p.grad for p in params if p.grad is not None)
+            local = grad.to_local() if hasattr(grad, "to_local") else grad
+            local.view(-1)[-1] = math.inf
+    result = real_step(params, optimizer, scaler, scale, clip_norm)
+    done["updated"] = done["updated"] or not result[2]
+    steps = max((int(s["step"]) for s in optimizer.state.values()), default=0)
+    print(json.dumps({"rank": rank, "optimizer_steps": steps}), flush=True)
+    return result
+
+trainer.optimizer_step = step_with_an_inf_on_the_last_rank
+trainer.run_command(trainer.Trainer, compose_config(sys.argv[1:]), logging.getLogger("xlsr.pretrain"))
+"""
+
+
+def overflows_and_optimizer_steps(output: str) -> tuple[list[tuple[int, float]], dict[int, int]]:
+    """From a run of OVERFLOW_ON_ONE_RANK: rank 0's overflow warnings as (update, new loss scale), and each rank's
+    count of AdamW steps made (at its last optimizer_step)."""
+    overflows = [(int(update), float(scale)) for update, scale in
+                 re.findall(r"fp16 gradient overflow at update (\d+): step skipped, loss scale -> (\S+)", output)]
+    steps = {}  # the ranks' lines may interleave: found anywhere, each rank's in its order
+    for rank, count in re.findall(r'\{"rank": (\d+), "optimizer_steps": (\d+)\}', output):
+        steps[int(rank)] = int(count)
+    return overflows, steps
+
+
+def test_fp16_under_fsdp_backs_off_the_loss_scale_on_every_rank(speech, tmp_path):  # noqa: F811
+    """fp16 with the sharded scaler: a loss scale too large for fp16 (65536) overflows and is halved until it fits,
+    then an inf in one rank's gradient shard alone (injected) halves it again; no rank updates its shards for an
+    overflowing step, training continues, and all of it as one process with update_freq=2 does (plain scaler)."""
+    script = tmp_path / "overflow_on_one_rank.py"
+    script.write_text(OVERFLOW_ON_ONE_RANK)
+    init_scale = 65536.0
+    settings = ("distributed.backend=gloo", "device=cpu", "threads=1", *SPEECH_BATCHING, "precision=fp16",
+                "optim.max_update=3", "optim.clip_norm=1.0", f"optim.fp16_init_scale={init_scale}",
+                "distributed.timeout_minutes=1")  # ranks that disagree on a step fail soon
+    single = tmp_path / "single"
+    result = subprocess.run([sys.executable, str(script), *overrides(speech, single, *settings, "optim.update_freq=2")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single_overflows, single_steps = overflows_and_optimizer_steps(result.stdout + result.stderr)
     out = tmp_path / "fp16"
-    run_torchrun(overrides(speech, out, "distributed.backend=gloo", "device=cpu", "threads=1", *SPEECH_BATCHING,
-                           FSDP, "precision=fp16", "optim.max_update=3", "optim.clip_norm=1.0"), port=29550)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29550",
+                             str(script), *overrides(speech, out, *settings, FSDP)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    overflows, steps = overflows_and_optimizer_steps(result.stdout + result.stderr)
+
+    natural = [scale for update, scale in overflows if update == 1]
+    assert natural, "the loss scale did not overflow: the test checks nothing"
+    assert natural == [init_scale / 2**i for i in range(1, len(natural) + 1)]  # halved at each overflow
     records = train_records(out)
-    assert [r["update"] for r in records] == [1, 2, 3]
+    fitting = natural[-1]
+    assert overflows == [(1, scale) for scale in natural] + [(2, fitting / 2)]  # and the injected one at update 2
+    assert [(r["update"], r["loss_scale"]) for r in records] == [(1, fitting), (2, fitting / 2), (3, fitting / 2)]
+    assert steps == {0: 3, 1: 3}  # 3 updates made, on both ranks: none for an overflowing step
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)
-    assert records[0]["loss_scale"] == 128.0  # the sharded scaler is active, from optim.fp16_init_scale
+    # one process decides the same (its scaler sees the whole gradient) and starts from the same untouched weights
+    assert (overflows, {0: 3}) == (single_overflows, single_steps)
+    single_records = train_records(single)
+    assert [r["loss_scale"] for r in records] == [r["loss_scale"] for r in single_records]
+    assert records[0]["loss"] == pytest.approx(single_records[0]["loss"], rel=1e-4)
 
 
 def test_another_number_of_ranks_continues_at_the_first_untrained_batch(speech, tmp_path):  # noqa: F811
