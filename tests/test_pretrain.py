@@ -414,6 +414,10 @@ def test_fp16_overflow_makes_no_update_and_no_checkpoint_or_log_for_it(corpus, t
         "max_valid_batches=1")))
     overflows = [r for r in caplog.records if "fp16 gradient overflow" in r.getMessage()]
     assert overflows, "the loss scale did not overflow: the test checks nothing"
+    # each overflow halves the scale (GradScaler's backoff), and an update logs the scale it ran at
+    halved_before = [int(r.getMessage().split(" at update ")[1].split(":")[0]) for r in overflows]
+    assert [r["loss_scale"] for r in train_records(out)] == [
+        262144 / 2 ** sum(u <= update for u in halved_before) for update in (1, 2)]
     assert trainer.num_updates == 2
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint_1.pt", "checkpoint_2.pt"]
     assert [(r["split"], r["update"]) for r in read_metrics(out) if r["split"] != "epoch"] == [
