@@ -123,6 +123,14 @@ def test_two_processes_match_gradient_accumulation(digits, tmp_path, strategy, l
            "xlsr.finetune", *overrides(digits, two, *common, "optim.update_freq=1", f"distributed.strategy={strategy}")]
     result = subprocess.run([*cmd, "progress_bar=true"], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]  # (the progress bar once failed on CTC records)
+    # every update logged (log_interval=1): the same loss and gradient norm. The norm shows a wrong normalisation
+    # over the ranks (a gradient 2x too large or too small) at once; the weights show it only weakly, since a
+    # uniform gradient scale changes AdamW's step only through eps
+    train_single, train_two = records(tmp_path / "single", "train"), records(two, "train")
+    assert [r["update"] for r in train_single] == [r["update"] for r in train_two] == [1, 2, 3, 4]
+    for x, y in zip(train_single, train_two):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5), (x["update"], x["loss"], y["loss"])
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5), (x["update"], x["grad_norm"], y["grad_norm"])
     load = lambda out: xlsr.Wav2Vec2ForCTC.from_pretrained(out / "model").state_dict()  # noqa: E731
     a, b = load(tmp_path / "single"), load(two)
     worst = max((a[k] - b[k]).abs().max().item() for k in a)

@@ -4,6 +4,7 @@ damaged shards."""
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -42,6 +43,17 @@ def final_weights(out: Path) -> dict[str, torch.Tensor]:
 def worst_difference(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def assert_same_updates(single: Path, sharded: Path) -> None:
+    """The runs (or a run and its resumed copy) logged the same 6 updates (log_interval=1) with the same loss and gradient norm. The norm shows a
+    wrong normalisation over the ranks (a gradient 2x too large or too small) at once; the weights show it only
+    weakly: a uniform gradient scale changes AdamW's step only through eps, and clipping takes it out."""
+    a, b = train_records(single), train_records(sharded)
+    assert [r["update"] for r in a] == [r["update"] for r in b] == [1, 2, 3, 4, 5, 6]
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5), (x["update"], x["loss"], y["loss"])
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5), (x["update"], x["grad_norm"], y["grad_norm"])
 
 
 def run_module(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
@@ -98,12 +110,8 @@ def test_fsdp_matches_one_process_with_gradient_accumulation(speech, single_run,
                                f"distributed.shard_group_size={shard_group_size}"), port=29543 + shard_group_size)
     else:
         single, sharded = single_run, fsdp_run
+    assert_same_updates(single, sharded)
     assert worst_difference(final_weights(single), final_weights(sharded)) <= 1e-5
-    for a, b in zip(train_records(single), train_records(sharded), strict=True):
-        assert a["update"] == b["update"]
-        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
-    assert list(train_losses(sharded)) == [1, 2, 3, 4, 5, 6]
     assert any(r["grad_norm"] > 1.0 for r in train_records(sharded))  # clip_norm=1.0 did clip
 
 
@@ -122,9 +130,8 @@ def test_two_nodes_with_hybrid_sharding_match_one_process(speech, tmp_path):  # 
     outputs = [n.communicate(timeout=600)[0] for n in nodes]
     assert [n.returncode for n in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
     assert "fsdp: 4 ranks, sharded over groups of 2, replicated 2x" in "".join(outputs)
+    assert_same_updates(single, out)
     assert worst_difference(final_weights(single), final_weights(out)) <= 1e-5
-    for a, b in zip(train_records(single), train_records(out), strict=True):
-        assert a["update"] == b["update"] and a["loss"] == pytest.approx(b["loss"], rel=1e-5)
 
 
 def test_fsdp_resume_reproduces_the_uninterrupted_run(speech, fsdp_run, tmp_path):  # noqa: F811
@@ -155,8 +162,8 @@ def test_sharded_checkpoint_resumes_on_one_rank(speech, fsdp_run, tmp_path):  # 
         out = copy_run_until(fsdp_run, 3, tmp_path / strategy)
         result = run_module(overrides(speech, out, *COMMON, f"distributed.strategy={strategy}", "optim.update_freq=2"))
         assert "resuming a checkpoint of 2 rank(s) (fsdp) on 1 rank(s)" in result.stdout + result.stderr
+        assert_same_updates(fsdp_run, out)
         assert worst_difference(final_weights(fsdp_run), final_weights(out)) <= 1e-5
-        assert list(train_losses(out)) == [1, 2, 3, 4, 5, 6]
 
 
 def test_sharded_checkpoint_resumes_with_ddp_and_ddp_checkpoint_with_fsdp(speech, single_run, fsdp_run,  # noqa: F811
@@ -164,12 +171,14 @@ def test_sharded_checkpoint_resumes_with_ddp_and_ddp_checkpoint_with_fsdp(speech
     out = copy_run_until(fsdp_run, 3, tmp_path / "to_ddp")
     result = run_torchrun(overrides(speech, out, *COMMON, "distributed.strategy=ddp"), port=29547)
     assert "(fsdp) on 2 rank(s) (ddp)" in result.stdout + result.stderr
+    assert_same_updates(fsdp_run, out)
     assert worst_difference(final_weights(fsdp_run), final_weights(out)) <= 1e-5
     assert (out / "checkpoints" / "checkpoint_6.pt").is_file()  # DDP writes its own kind from then on
 
     out = copy_run_until(single_run, 3, tmp_path / "to_fsdp")  # a .pt checkpoint of one process
     result = run_torchrun(overrides(speech, out, *COMMON, FSDP), port=29548)
     assert "checkpoint of 1 rank(s) (ddp) on 2 rank(s) (fsdp)" in result.stdout + result.stderr
+    assert_same_updates(single_run, out)
     assert worst_difference(final_weights(single_run), final_weights(out)) <= 1e-5
 
 
@@ -253,14 +262,83 @@ def test_from_pretrained_reads_a_sharded_checkpoint_folder(fsdp_run):
     assert model.checkpoint_info["num_updates"] == 6
 
 
-def test_fp16_under_fsdp_scales_the_loss_on_every_rank(speech, tmp_path):  # noqa: F811
+OVERFLOW_ON_ONE_RANK = """
+import json, logging, math, sys
+import torch.distributed as dist
+from xlsr.pretrain import trainer
+from xlsr.pretrain.config import compose_config
+
+real_step = trainer.optimizer_step
+done = {"updated": False, "injected": False}
+
+def step_with_an_inf_on_the_last_rank(params, optimizer, scaler, scale, clip_norm):
+    # once, after the first update was made: an inf in the last gradient element of the first parameter, which
+    # only the last rank holds under FSDP (its shard); in one process, the same element
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if done["updated"] and not done["injected"]:
+        done["injected"] = True
+        if rank == world - 1:
+            grad = next(p.grad for p in params if p.grad is not None)
+            local = grad.to_local() if hasattr(grad, "to_local") else grad
+            local.view(-1)[-1] = math.inf
+    result = real_step(params, optimizer, scaler, scale, clip_norm)
+    done["updated"] = done["updated"] or not result[2]
+    steps = max((int(s["step"]) for s in optimizer.state.values()), default=0)
+    print(json.dumps({"rank": rank, "optimizer_steps": steps}), flush=True)
+    return result
+
+trainer.optimizer_step = step_with_an_inf_on_the_last_rank
+trainer.run_command(trainer.Trainer, compose_config(sys.argv[1:]), logging.getLogger("xlsr.pretrain"))
+"""
+
+
+def overflows_and_optimizer_steps(output: str) -> tuple[list[tuple[int, float]], dict[int, int]]:
+    """From a run of OVERFLOW_ON_ONE_RANK: rank 0's overflow warnings as (update, new loss scale), and each rank's
+    count of AdamW steps made (at its last optimizer_step)."""
+    overflows = [(int(update), float(scale)) for update, scale in
+                 re.findall(r"fp16 gradient overflow at update (\d+): step skipped, loss scale -> (\S+)", output)]
+    steps = {}  # the ranks' lines may interleave: found anywhere, each rank's in its order
+    for rank, count in re.findall(r'\{"rank": (\d+), "optimizer_steps": (\d+)\}', output):
+        steps[int(rank)] = int(count)
+    return overflows, steps
+
+
+def test_fp16_under_fsdp_backs_off_the_loss_scale_on_every_rank(speech, tmp_path):  # noqa: F811
+    """fp16 with the sharded scaler: a loss scale too large for fp16 (65536) overflows and is halved until it fits,
+    then an inf in one rank's gradient shard alone (injected) halves it again; no rank updates its shards for an
+    overflowing step, training continues, and all of it as one process with update_freq=2 does (plain scaler)."""
+    script = tmp_path / "overflow_on_one_rank.py"
+    script.write_text(OVERFLOW_ON_ONE_RANK)
+    init_scale = 65536.0
+    settings = ("distributed.backend=gloo", "device=cpu", "threads=1", *SPEECH_BATCHING, "precision=fp16",
+                "optim.max_update=3", "optim.clip_norm=1.0", f"optim.fp16_init_scale={init_scale}",
+                "distributed.timeout_minutes=1")  # ranks that disagree on a step fail soon
+    single = tmp_path / "single"
+    result = subprocess.run([sys.executable, str(script), *overrides(speech, single, *settings, "optim.update_freq=2")],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    single_overflows, single_steps = overflows_and_optimizer_steps(result.stdout + result.stderr)
     out = tmp_path / "fp16"
-    run_torchrun(overrides(speech, out, "distributed.backend=gloo", "device=cpu", "threads=1", *SPEECH_BATCHING,
-                           FSDP, "precision=fp16", "optim.max_update=3", "optim.clip_norm=1.0"), port=29550)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29550",
+                             str(script), *overrides(speech, out, *settings, FSDP)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    overflows, steps = overflows_and_optimizer_steps(result.stdout + result.stderr)
+
+    natural = [scale for update, scale in overflows if update == 1]
+    assert natural, "the loss scale did not overflow: the test checks nothing"
+    assert natural == [init_scale / 2**i for i in range(1, len(natural) + 1)]  # halved at each overflow
     records = train_records(out)
-    assert [r["update"] for r in records] == [1, 2, 3]
+    fitting = natural[-1]
+    assert overflows == [(1, scale) for scale in natural] + [(2, fitting / 2)]  # and the injected one at update 2
+    assert [(r["update"], r["loss_scale"]) for r in records] == [(1, fitting), (2, fitting / 2), (3, fitting / 2)]
+    assert steps == {0: 3, 1: 3}  # 3 updates made, on both ranks: none for an overflowing step
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in records)
-    assert records[0]["loss_scale"] == 128.0  # the sharded scaler is active, from optim.fp16_init_scale
+    # one process decides the same (its scaler sees the whole gradient) and starts from the same untouched weights
+    assert (overflows, {0: 3}) == (single_overflows, single_steps)
+    single_records = train_records(single)
+    assert [r["loss_scale"] for r in records] == [r["loss_scale"] for r in single_records]
+    assert records[0]["loss"] == pytest.approx(single_records[0]["loss"], rel=1e-4)
 
 
 def test_another_number_of_ranks_continues_at_the_first_untrained_batch(speech, tmp_path):  # noqa: F811
@@ -273,6 +351,7 @@ def test_another_number_of_ranks_continues_at_the_first_untrained_batch(speech, 
     assert "epoch 1 continues at its batch 3" in result.stdout + result.stderr
     one = copy_run_until(first, 3, tmp_path / "one")
     run_in_process(compose_config(overrides(speech, one, *COMMON, "optim.update_freq=2")))
+    assert_same_updates(one, two)
     assert worst_difference(final_weights(one), final_weights(two)) <= 1e-5
     epoch_1 = [r for r in read_metrics(two) if r["split"] == "epoch" and r["epoch"] == 1]
     assert epoch_1[-1]["complete"] and epoch_1[-1]["num_batches"] == 4  # + the first run's 3 = all 7, once each
@@ -287,5 +366,9 @@ def test_compiled_layers_with_layerdrop_and_checkpointing_under_fsdp(speech, tmp
     eager, compiled = tmp_path / "eager", tmp_path / "compiled"
     run_torchrun(overrides(speech, eager, *settings), port=29552)
     run_torchrun(overrides(speech, compiled, *settings, "model.compile=true"), port=29553)
+    a, b = train_records(eager), train_records(compiled)
+    assert [r["update"] for r in a] == [r["update"] for r in b] == [1, 2, 3]
+    for x, y in zip(a, b):
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5), (x["update"], x["loss"], y["loss"])
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5), (x["update"], x["grad_norm"], y["grad_norm"])
     assert worst_difference(final_weights(eager), final_weights(compiled)) <= 1e-4
-    assert list(train_losses(compiled)) == [1, 2, 3]

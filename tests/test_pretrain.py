@@ -192,11 +192,16 @@ def test_two_process_ddp_matches_gradient_accumulation(speech, tmp_path, layerdr
     assert single.epoch == 2  # 4 updates in epoch 1 (the last one a single batch), 2 in epoch 2
     ddp = tmp_path / "ddp"
     run_torchrun(overrides(speech, ddp, *common, "optim.update_freq=1"), port=29517 + int(10 * layerdrop))
+    # every update logged (log_interval=1): the same loss and gradient norm. The norm shows a wrong normalisation
+    # over the ranks (a gradient 2x too large or too small) at once; the weights show it only weakly, since a
+    # uniform gradient scale changes AdamW's step only through eps
+    for x, y in zip(train_records(single_out), train_records(ddp), strict=True):
+        assert x["update"] == y["update"] and x["loss"] == pytest.approx(y["loss"], rel=1e-5), (x, y)
+        assert x["grad_norm"] == pytest.approx(y["grad_norm"], rel=1e-5), (x["update"], x["grad_norm"], y["grad_norm"])
+    assert [r["update"] for r in train_records(ddp)] == [1, 2, 3, 4, 5, 6]
     a, b = final_parameters(single_out, 6), final_parameters(ddp, 6)
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst <= 1e-5, worst
-    for (u, x), (v, y) in zip(train_losses(single_out).items(), train_losses(ddp).items()):
-        assert u == v and x == pytest.approx(y, rel=1e-5), (u, x, y)
     epochs = [r for r in read_metrics(ddp) if r["split"] == "epoch" and r["complete"]]
     assert [(r["epoch"], r["update"], r["num_batches"]) for r in epochs] == [(1, 4, 7)]  # every batch trained
     if layerdrop:  # the decisions of those 6 updates did skip layers (else this case would test nothing)
@@ -409,6 +414,10 @@ def test_fp16_overflow_makes_no_update_and_no_checkpoint_or_log_for_it(corpus, t
         "max_valid_batches=1")))
     overflows = [r for r in caplog.records if "fp16 gradient overflow" in r.getMessage()]
     assert overflows, "the loss scale did not overflow: the test checks nothing"
+    # each overflow halves the scale (GradScaler's backoff), and an update logs the scale it ran at
+    halved_before = [int(r.getMessage().split(" at update ")[1].split(":")[0]) for r in overflows]
+    assert [r["loss_scale"] for r in train_records(out)] == [
+        262144 / 2 ** sum(u <= update for u in halved_before) for update in (1, 2)]
     assert trainer.num_updates == 2
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint_1.pt", "checkpoint_2.pt"]
     assert [(r["split"], r["update"]) for r in read_metrics(out) if r["split"] != "epoch"] == [
