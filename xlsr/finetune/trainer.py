@@ -179,7 +179,9 @@ class FineTuner(Trainer):
 
     def _dummy(self) -> dict:
         batch = super()._dummy()
-        batch.setdefault("target", torch.full((1, 1), self.dictionary.unk_index, dtype=torch.long))
+        # any symbol but the blank makes a valid CTC target (the pass has zero weight); not every vocabulary has <unk>
+        symbol = next(i for i in range(len(self.dictionary)) if i != self.dictionary.blank_index)
+        batch.setdefault("target", torch.full((1, 1), symbol, dtype=torch.long))
         batch.setdefault("target_lengths", torch.ones(1, dtype=torch.long))
         return batch
 
