@@ -67,7 +67,7 @@ class Wav2Vec2Model(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.feature_extractor = FeatureEncoder(cfg.conv_layers, cfg.extractor_mode, cfg.conv_bias)
-        self.feature_projection = FeatureProjection(cfg.conv_dim, cfg.encoder_embed_dim)
+        self.feature_projection = FeatureProjection(cfg.conv_dim, cfg.encoder_embed_dim, cfg.keep_feature_projection)
         self.dropout_input = nn.Dropout(cfg.dropout_input)
         self.dropout_features = nn.Dropout(cfg.dropout_features)
         self.mask_embedding = nn.Parameter(torch.empty(cfg.encoder_embed_dim).uniform_())
