@@ -284,7 +284,8 @@ class Wav2Vec2ForCTC(nn.Module):
         map_location: str = "cpu",
         **settings: Any,
     ) -> "Wav2Vec2ForCTC":
-        """Load a CTC model: a fairseq ``wav2vec_ctc`` ``.pt``, an HF ``Wav2Vec2ForCTC`` directory, or ours.
+        """Load a CTC model: a fairseq ``wav2vec_ctc`` ``.pt``, an HF ``Wav2Vec2ForCTC`` directory, or ours; or a
+        Hugging Face Hub id (``"owner/name"``, not an existing path), through ``huggingface_hub``'s cache.
 
         With ``vocab``: a new head of ``len(vocab)`` outputs (xavier-uniform weight, zero bias) on the encoder
         of any checkpoint ``from_pretrained`` reads (pretrained or CTC). For a pretrained encoder, the fine-tuning

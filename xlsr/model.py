@@ -306,7 +306,9 @@ class Wav2Vec2Model(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     @classmethod
     def from_pretrained(cls, path: str | Path, *, strict: bool = True, map_location: str = "cpu") -> "Wav2Vec2Model":
-        """Load a fairseq ``.pt``, a Hugging Face directory, or our own directory (format detected)."""
+        """Load a fairseq ``.pt``, a Hugging Face directory, or our own directory (format detected); or a Hugging
+        Face Hub id (``"facebook/wav2vec2-xls-r-300m"``: a string that is no existing path), through
+        ``huggingface_hub``'s cache (downloaded where the network allows)."""
         from xlsr.checkpoints import load_pretrained
 
         return load_pretrained(cls, path, strict=strict, map_location=map_location)

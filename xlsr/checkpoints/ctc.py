@@ -40,6 +40,7 @@ from xlsr.checkpoints import detect_format, load_state_dict_checked, read_checkp
 from xlsr.checkpoints.errors import CheckpointError
 from xlsr.checkpoints.fairseq import _as_dict, config_from_fairseq, state_dict_from_fairseq
 from xlsr.checkpoints.files import read_json_object
+from xlsr.checkpoints.hub import resolve_checkpoint_path
 from xlsr.checkpoints.huggingface import (
     CONFIG_NAME,
     PREPROCESSOR_NAME,
@@ -105,8 +106,9 @@ def _is_hf_ctc(path: Path) -> bool:
 
 
 def is_ctc_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` holds a CTC model (ours, HF ``Wav2Vec2ForCTC``, fairseq ``wav2vec_ctc``)."""
-    path = Path(path)
+    """Whether ``path`` (or a Hugging Face Hub id) holds a CTC model (ours, HF ``Wav2Vec2ForCTC``, fairseq
+    ``wav2vec_ctc``)."""
+    path = resolve_checkpoint_path(path)
     fmt = detect_format(path)
     if fmt == "native_ctc":
         return True
@@ -380,9 +382,9 @@ def read_native_ctc(path: Path) -> Read:
 
 
 def read_ctc(path: str | Path, map_location: str = "cpu") -> Read:
-    """Any CTC checkpoint -> (CTCConfig, state dict in our key names, vocab, info); a checkpoint without a CTC head
-    is a CheckpointError naming it."""
-    path = Path(path)
+    """Any CTC checkpoint (or a Hugging Face Hub id) -> (CTCConfig, state dict in our key names, vocab, info); a
+    checkpoint without a CTC head is a CheckpointError naming it."""
+    path = resolve_checkpoint_path(path)
     fmt = detect_format(path)
     if fmt == "native_ctc":
         return read_native_ctc(path)
@@ -421,7 +423,7 @@ def load_ctc(cls: type, path: str | Path, vocab: Sequence[str] | None, *, strict
     from xlsr.ctc import CTCConfig, finetuning_encoder_config
 
     ctc_settings, encoder_settings = _split_settings(settings or {})
-    path = Path(path)
+    path = resolve_checkpoint_path(path)
     if is_ctc_checkpoint(path):
         cfg, state, file_vocab, info = read_ctc(path, map_location)
         if vocab is not None:  # a new head on this encoder, for a vocabulary in fairseq's conventions
