@@ -104,7 +104,7 @@ def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor
 def load_pretrained(cls: type, path: str | Path, *, strict: bool = True, map_location: str = "cpu") -> nn.Module:
     """Build ``cls(config)`` from a checkpoint of any supported format (or a Hugging Face Hub id) and load its
     weights."""
-    path = resolve_checkpoint_path(path)
+    path = resolve_checkpoint_path(path)  # once here: what follows gets the local folder, no second Hub look-up
     config, state_dict, info = read_checkpoint(path, map_location)
     state_dict = {k: (v.float() if v.is_floating_point() else v) for k, v in state_dict.items()}
     if strict:

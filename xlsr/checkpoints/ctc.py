@@ -423,7 +423,7 @@ def load_ctc(cls: type, path: str | Path, vocab: Sequence[str] | None, *, strict
     from xlsr.ctc import CTCConfig, finetuning_encoder_config
 
     ctc_settings, encoder_settings = _split_settings(settings or {})
-    path = resolve_checkpoint_path(path)
+    path = resolve_checkpoint_path(path)  # once here: the readers below get the local folder, no second Hub look-up
     if is_ctc_checkpoint(path):
         cfg, state, file_vocab, info = read_ctc(path, map_location)
         if vocab is not None:  # a new head on this encoder, for a vocabulary in fairseq's conventions
