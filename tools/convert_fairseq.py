@@ -3,8 +3,9 @@
     python tools/convert_fairseq.py SRC DST [--to native|hf] [--verify] [--tolerance 1e-4] [--no-strict]
 
 SRC: a fairseq ``.pt``, a Hugging Face directory or one of ours (format detected), or a Hugging Face Hub id
-(``facebook/wav2vec2-xls-r-300m``: resolved through ``huggingface_hub``'s cache, downloaded where the network allows). DST: a directory, written in our
-format (``--to native``, default) or as a Hugging Face ``Wav2Vec2ForPreTraining`` export (``--to hf``).
+(``facebook/wav2vec2-xls-r-300m``: resolved through ``huggingface_hub``'s cache, downloaded where the network
+allows). DST: a directory, written in our format (``--to native``, default) or as a Hugging Face
+``Wav2Vec2ForPreTraining`` export (``--to hf``).
 A fine-tuned CTC model (fairseq ``wav2vec_ctc``, HF ``Wav2Vec2ForCTC``, our ``Wav2Vec2ForCTC``) is converted as one:
 ``--to hf`` writes a ``Wav2Vec2ForCTC`` directory with ``vocab.json``, ``tokenizer_config.json`` and
 ``preprocessor_config.json`` (what ``Wav2Vec2Processor`` and transformers' ASR pipeline read), and ``--verify`` also

@@ -66,7 +66,7 @@ ADDED_TOKENS_NAME = "added_tokens.json"  # HF tokenizers keep symbols added afte
 TOKENIZER_CONFIG_NAME = "tokenizer_config.json"  # HF tokenizer settings: special tokens, word delimiter
 HF_TOKENIZER_CLASS = "Wav2Vec2CTCTokenizer"
 HF_PROCESSOR_CLASS = "Wav2Vec2Processor"
-HF_BLANK = "<pad>"  # the pad_token (= CTC blank) of an HF tokenizer whose config does not name one
+HF_DEFAULT_PAD = "<pad>"  # the pad_token (= CTC blank) of an HF tokenizer whose config does not name one
 HF_ARCHITECTURE = "Wav2Vec2ForCTC"
 HF_EXTRA_KEY = "xlsr_ctc_config"  # CTCConfig fields HF has no place for (kept in config.json, read back by us)
 ENCODER = "wav2vec2."
@@ -336,8 +336,8 @@ def read_huggingface_ctc(path: Path) -> Read:
 
 # transformers' Wav2Vec2CTCTokenizer defaults (what a folder without tokenizer_config.json gets)
 _TOKENIZER_DEFAULTS: dict[str, Any] = {
-    "unk_token": "<unk>", "pad_token": HF_BLANK, "bos_token": "<s>", "eos_token": "</s>", "word_delimiter_token": "|",
-    "do_lower_case": False, "clean_up_tokenization_spaces": False,
+    "unk_token": "<unk>", "pad_token": HF_DEFAULT_PAD, "bos_token": "<s>", "eos_token": "</s>",
+    "word_delimiter_token": "|", "do_lower_case": False, "clean_up_tokenization_spaces": False,
 }
 
 
@@ -538,7 +538,7 @@ def save_ctc_huggingface(model: nn.Module, out_dir: str | Path) -> Path:
     encoder_state = {k[len(ENCODER):]: v for k, v in state.items() if k.startswith(ENCODER)}
     hf_state = state_dict_to_huggingface(encoder_state, model.cfg.encoder)
     hf_state.update({k: v for k, v in state.items() if k.startswith(HEAD)})
-    vocab = model.vocab
+    vocab = model.vocab  # fairseq's names kept (module docstring); tokenizer_config.json makes the blank the pad_token
     (out_dir / CONFIG_NAME).write_text(json.dumps(config_to_huggingface_ctc(model.cfg, vocab), indent=2) + "\n")
     (out_dir / PREPROCESSOR_NAME).write_text(
         json.dumps(preprocessor_to_huggingface(model.cfg.encoder), indent=2) + "\n"

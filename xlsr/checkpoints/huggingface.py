@@ -4,9 +4,9 @@ A Hugging Face export is a directory with ``config.json`` (``model_type: "wav2ve
 (``model.safetensors``, a sharded ``model.safetensors.index.json``, or ``pytorch_model.bin``) and, usually, the
 feature extractor's settings, which say whether the input is normalised: ``preprocessor_config.json`` (what
 transformers 4.x writes, and 5.x still reads) or, from transformers 5, nested under ``feature_extractor`` in
-``processor_config.json`` (what 5.x writes, and reads first; 4.x does not read it). We read ``Wav2Vec2ForPreTraining`` exports
-(keys under ``wav2vec2.`` plus ``quantizer.*``, ``project_hid.*``, ``project_q.*``) and bare ``Wav2Vec2Model``
-exports (the same keys without the ``wav2vec2.`` prefix and without the pretraining head), and write
+``processor_config.json`` (what 5.x writes, and reads first; 4.x does not read it). We read
+``Wav2Vec2ForPreTraining`` exports (keys under ``wav2vec2.`` plus ``quantizer.*``, ``project_hid.*``, ``project_q.*``)
+and bare ``Wav2Vec2Model`` exports (the same keys without the ``wav2vec2.`` prefix and without the pretraining head), and write
 ``Wav2Vec2ForPreTraining`` exports that ``transformers`` loads with no missing or unexpected key.
 """
 
@@ -305,7 +305,9 @@ def _pos_conv_from_plain_weight(state: dict[str, torch.Tensor]) -> dict[str, tor
     return state
 
 
-def state_dict_from_huggingface(hf_state: dict[str, torch.Tensor], source: Any = "checkpoint") -> dict[str, torch.Tensor]:
+def state_dict_from_huggingface(
+    hf_state: dict[str, torch.Tensor], source: Any = "checkpoint"
+) -> dict[str, torch.Tensor]:
     """HF ``Wav2Vec2ForPreTraining`` (or bare ``Wav2Vec2Model``) state dict -> ours (the feature projection kept
     as HF has it: ``fit_feature_projection`` fits it to our model).
 
