@@ -288,3 +288,24 @@ def test_hub_id_without_huggingface_hub_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="needs the huggingface_hub package") as err:
         xlsr.Wav2Vec2ForCTC.from_pretrained("facebook/wav2vec2-base-960h")
     assert "facebook/wav2vec2-base-960h" in str(err.value)
+
+
+def test_tokenizer_settings_in_transformers_4_form(tmp_path):
+    """transformers 4.x writes special tokens as {"__type": "AddedToken", "content": ...}; a bad entry names the file."""
+    from xlsr.checkpoints.ctc import save_ctc_huggingface
+
+    model = xlsr.Wav2Vec2ForCTC.from_pretrained(CTC_MINI / "checkpoint.pt")
+    save_ctc_huggingface(model, tmp_path)
+    config_file = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    for key in ("pad_token", "unk_token"):
+        config[key] = {"__type": "AddedToken", "content": config[key], "lstrip": False, "rstrip": False}
+    config["word_delimiter_token"] = "'"
+    config_file.write_text(json.dumps(config))
+    back = xlsr.Wav2Vec2ForCTC.from_pretrained(tmp_path)
+    assert back.unk_symbol == "<unk>" and back.cfg.word_delimiter == "'" and back.blank_index == 0
+    config["unk_token"] = ["<unk>"]
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="unk_token must be a string") as err:
+        xlsr.Wav2Vec2ForCTC.from_pretrained(tmp_path)
+    assert str(config_file) in str(err.value)
