@@ -1,6 +1,7 @@
 """CTC speech recognition (xlsr.Wav2Vec2ForCTC): fairseq's wav2vec_ctc golden fixture, Hugging Face parity, new heads
 on pretrained encoders, decoding, training behaviour, conversion and bad inputs."""
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -176,13 +177,18 @@ def test_export_to_hf_loads_in_transformers(tmp_path, lone_checkpoint):
     assert hf.config.vocab_size == 32 and hf.config.pad_token_id == 0 and hf.config.ctc_zero_infinity
     vocab = json.loads((tmp_path / "vocab.json").read_text())
     assert [s for s, _ in sorted(vocab.items(), key=lambda kv: kv[1])] == model.vocab
+    # fairseq's names kept; the blank (<s>, index 0) is the tokenizer's pad_token, so HF's decoding drops it
+    tokenizer = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert tokenizer["pad_token"] == "<s>" and tokenizer["unk_token"] == "<unk>" and tokenizer["eos_token"] == "</s>"
     inputs = golden_inputs()
     with torch.no_grad():
         theirs = hf.eval()(inputs["source"], attention_mask=(~inputs["padding_mask"]).long()).logits
         out = model(inputs["source"], inputs["padding_mask"])
     assert relative_max_diff(out.logits, theirs, ~out.padding_mask) <= TOL
     back = xlsr.Wav2Vec2ForCTC.from_pretrained(tmp_path)
-    assert back.vocab == model.vocab and back.cfg == model.cfg
+    assert back.vocab == model.vocab and back.blank_index == 0 and back.unk_symbol == "<unk>"
+    assert back.cfg == dataclasses.replace(model.cfg, text_style="huggingface")
+    assert back.decode(back(inputs["source"], inputs["padding_mask"])) == model.decode(out)
 
 
 # ---------------------------------------------------------------------------------------------- our format

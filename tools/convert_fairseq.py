@@ -2,11 +2,14 @@
 
     python tools/convert_fairseq.py SRC DST [--to native|hf] [--verify] [--tolerance 1e-4] [--no-strict]
 
-SRC: a fairseq ``.pt``, a Hugging Face directory or one of ours (format detected). DST: a directory, written in our
-format (``--to native``, default) or as a Hugging Face ``Wav2Vec2ForPreTraining`` export (``--to hf``).
+SRC: a fairseq ``.pt``, a Hugging Face directory or one of ours (format detected), or a Hugging Face Hub id
+(``facebook/wav2vec2-xls-r-300m``: resolved through ``huggingface_hub``'s cache, downloaded where the network
+allows). DST: a directory, written in our format (``--to native``, default) or as a Hugging Face
+``Wav2Vec2ForPreTraining`` export (``--to hf``).
 A fine-tuned CTC model (fairseq ``wav2vec_ctc``, HF ``Wav2Vec2ForCTC``, our ``Wav2Vec2ForCTC``) is converted as one:
-``--to hf`` writes a ``Wav2Vec2ForCTC`` directory with ``vocab.json``, and ``--verify`` also compares the logits
-(relative to the largest |logit|).
+``--to hf`` writes a ``Wav2Vec2ForCTC`` directory with ``vocab.json``, ``tokenizer_config.json`` and
+``preprocessor_config.json`` (what ``Wav2Vec2Processor`` and transformers' ASR pipeline read), and ``--verify`` also
+compares the logits (relative to the largest |logit|).
 ``--verify`` reloads DST (a Hugging Face export through ``transformers`` when it is installed) and runs SRC and DST
 on the same seeded audio: two utterances, the second right-padded. It prints the largest absolute difference over
 the valid frames for the conv features, every transformer layer, the final output and the pretraining head, and
@@ -29,6 +32,7 @@ except ImportError:  # run as a script from a checkout: make the package importa
 
 from xlsr.checkpoints import CheckpointError, detect_format
 from xlsr.checkpoints.ctc import is_ctc_checkpoint, save_ctc_huggingface
+from xlsr.checkpoints.hub import resolve_checkpoint_path
 from xlsr.checkpoints.huggingface import save_huggingface
 from xlsr.config import Wav2Vec2Config
 from xlsr.ctc import Wav2Vec2ForCTC
@@ -264,7 +268,8 @@ def verify(model: Wav2Vec2Model | Wav2Vec2ForCTC, dst: Path, to: str, tolerance:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("src", type=Path, help="fairseq .pt, Hugging Face directory, or our directory")
+    parser.add_argument("src", type=Path, help="fairseq .pt, Hugging Face directory, our directory, or a Hugging Face "
+                        "Hub id (owner/name)")
     parser.add_argument("dst", type=Path, help="output directory")
     parser.add_argument("--to", choices=("native", "hf"), default="native", help="output format (default: native)")
     parser.add_argument("--verify", action="store_true", help="reload the result and compare outputs with the source")
@@ -277,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     log = print
     try:
+        args.src = resolve_checkpoint_path(args.src)
         source_format = detect_format(args.src)
         ctc = is_ctc_checkpoint(args.src)
         model = (Wav2Vec2ForCTC if ctc else Wav2Vec2Model).from_pretrained(args.src, strict=not args.no_strict)

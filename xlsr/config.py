@@ -59,6 +59,11 @@ class Wav2Vec2Config:
     encoder_embed_dim: int = 768
     """Transformer width D (the conv features are projected C -> D). XLS-R 300M: 1024. HF ``hidden_size``."""
 
+    keep_feature_projection: bool = False
+    """True: the Linear C -> D feature projection exists even when C == D (Hugging Face's ``Wav2Vec2Model`` always
+    has one: ``feature_projection.projection``); False: as fairseq, no projection when C == D (``post_extract_proj``
+    is None). Set by the Hugging Face reader for such a model whose projection is not the identity."""
+
     encoder_ffn_embed_dim: int = 3072
     """Inner width of each layer's feed-forward block. XLS-R 300M: 4096. HF ``intermediate_size``."""
 

@@ -53,6 +53,7 @@ FINETUNING_OVERRIDES: dict[str, tuple[str, Any]] = {
 # symbols fairseq's ``Dictionary.string`` leaves out of the text (its bos and eos); the blank is removed before
 WORD_BOUNDARY = "|"
 DROPPED_SYMBOLS = ("<s>", "</s>")
+TEXT_STYLES = ("fairseq", "huggingface")  # CTCConfig.text_style: see there
 
 
 def finetuning_encoder_config(pretrained: Wav2Vec2Config, **settings: Any) -> Wav2Vec2Config:
@@ -104,6 +105,21 @@ class CTCConfig:
     blank_mode: str = "add"
     """How ``blank_weight`` applies: "add" or "set" (fairseq ``blank_mode``)."""
 
+    text_style: str = "fairseq"
+    """How ``decode`` turns the best path (repeats collapsed, blanks removed) into text. "fairseq": its
+    ``Dictionary.string`` + "letter" post-processing (``<s>`` and ``</s>`` dropped, ``word_delimiter`` -> space).
+    "huggingface": ``Wav2Vec2CTCTokenizer.decode`` as transformers' ASR pipeline calls it for CTC models
+    (``skip_special_tokens=False``): only the blank (its ``pad_token``) is dropped, every other symbol, ``<s>``,
+    ``</s>`` and ``<unk>`` included, is text, ``word_delimiter`` -> space. Hugging Face folders are read with
+    "huggingface", so that our transcripts of them are the pipeline's."""
+
+    word_delimiter: str = WORD_BOUNDARY
+    """The symbol written as a space between words (fairseq: ``|``; HF: the tokenizer's ``word_delimiter_token``)."""
+
+    unk_symbol: str = "<unk>"
+    """The symbol that stands for letters outside the vocabulary (fairseq: ``<unk>``; HF: the tokenizer's
+    ``unk_token``, e.g. ``[UNK]``). ``Wav2Vec2ForCTC.unk_symbol`` is None when the vocabulary lacks it."""
+
     def __post_init__(self) -> None:
         if isinstance(self.encoder, dict):
             self.encoder = Wav2Vec2Config.from_dict(self.encoder)
@@ -115,6 +131,8 @@ class CTCConfig:
             raise ValueError(f"ctc_loss_reduction must be 'sum' or 'mean', got {self.ctc_loss_reduction!r}")
         if self.blank_mode not in ("add", "set"):
             raise ValueError(f"blank_mode must be 'add' or 'set', got {self.blank_mode!r}")
+        if self.text_style not in TEXT_STYLES:
+            raise ValueError(f"text_style must be one of {TEXT_STYLES}, got {self.text_style!r}")
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -168,6 +186,11 @@ class Wav2Vec2ForCTC(nn.Module):
     @property
     def blank_index(self) -> int:
         return self.cfg.blank_index
+
+    @property
+    def unk_symbol(self) -> str | None:
+        """The vocabulary's symbol for unknown letters (``cfg.unk_symbol``), None when the vocabulary has none."""
+        return self.cfg.unk_symbol if self.cfg.unk_symbol in self.vocab else None
 
     # ------------------------------------------------------------------ training schedule
     def set_num_updates(self, num_updates: int) -> None:
@@ -247,9 +270,12 @@ class Wav2Vec2ForCTC(nn.Module):
         return ctc_greedy_units(emissions, lengths, self.blank_index)
 
     def decode(self, out: CTCOutput | torch.Tensor, lengths: torch.Tensor | None = None) -> list[str]:
-        """Greedy transcripts: ``greedy_units`` turned into text as fairseq's ``Dictionary.string`` (drops
-        ``<s>``, ``</s>``) + ``post_process(..., "letter")`` (symbols joined, ``|`` -> space, stripped)."""
-        return [letters_to_text([self.vocab[i] for i in units]) for units in self.greedy_units(out, lengths)]
+        """Greedy transcripts: ``greedy_units`` turned into text as ``cfg.text_style`` says: fairseq's
+        ``Dictionary.string`` (drops ``<s>``, ``</s>``) + ``post_process(..., "letter")`` (symbols joined, ``|`` ->
+        space, stripped), or HF's CTC tokenizer (nothing dropped but the blank; ``|`` -> space, stripped)."""
+        to_text = letters_to_text if self.cfg.text_style == "fairseq" else tokens_to_text
+        return [to_text([self.vocab[i] for i in units], self.cfg.word_delimiter)
+                for units in self.greedy_units(out, lengths)]
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod
@@ -262,7 +288,8 @@ class Wav2Vec2ForCTC(nn.Module):
         map_location: str = "cpu",
         **settings: Any,
     ) -> "Wav2Vec2ForCTC":
-        """Load a CTC model: a fairseq ``wav2vec_ctc`` ``.pt``, an HF ``Wav2Vec2ForCTC`` directory, or ours.
+        """Load a CTC model: a fairseq ``wav2vec_ctc`` ``.pt``, an HF ``Wav2Vec2ForCTC`` directory, or ours; or a
+        Hugging Face Hub id (``"owner/name"``, not an existing path), through ``huggingface_hub``'s cache.
 
         With ``vocab``: a new head of ``len(vocab)`` outputs (xavier-uniform weight, zero bias) on the encoder
         of any checkpoint ``from_pretrained`` reads (pretrained or CTC). For a pretrained encoder, the fine-tuning
@@ -295,12 +322,12 @@ def ctc_greedy_units(emissions: torch.Tensor, lengths: torch.Tensor | None, blan
     return result
 
 
-def letters_to_text(symbols: Sequence[str]) -> str:
+def letters_to_text(symbols: Sequence[str], word_delimiter: str = WORD_BOUNDARY) -> str:
     """Letter units -> text, exactly fairseq's ``Dictionary.string`` then ``post_process(..., "letter")``:
     ``<s>`` and ``</s>`` dropped, symbols joined with spaces, all spaces removed, ``|`` -> space, stripped; then
     Unicode NFC (a letter and a combining mark emitted as two units become one character, as in the labels)."""
     pieces = " ".join(s for s in symbols if s not in DROPPED_SYMBOLS)
-    return normalize_unicode(pieces.replace(" ", "").replace(WORD_BOUNDARY, " ").strip())
+    return normalize_unicode(pieces.replace(" ", "").replace(word_delimiter, " ").strip())
 
 
 def nfc_vocab(vocab: Sequence[str]) -> list[str]:
@@ -314,6 +341,13 @@ def nfc_vocab(vocab: Sequence[str]) -> list[str]:
         logger.warning("the vocabulary is not put in Unicode NFC: symbols %s are one symbol in NFC", ", ".join(merged))
         return list(vocab)
     return normalized
+
+
+def tokens_to_text(symbols: Sequence[str], word_delimiter: str = WORD_BOUNDARY) -> str:
+    """Units (repeats collapsed, blanks removed) -> text, exactly transformers' ``Wav2Vec2CTCTokenizer.decode``
+    as its ASR pipeline calls it (``skip_special_tokens=False``, no lower-casing, no clean-up of spaces): the word
+    delimiter -> space, every other symbol as it is, joined, stripped; then Unicode NFC, as :func:`letters_to_text`."""
+    return normalize_unicode("".join(" " if s == word_delimiter else s for s in symbols).strip())
 
 
 def vocab_from_mapping(mapping: dict[str, Any]) -> list[str]:

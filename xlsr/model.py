@@ -67,7 +67,7 @@ class Wav2Vec2Model(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.feature_extractor = FeatureEncoder(cfg.conv_layers, cfg.extractor_mode, cfg.conv_bias)
-        self.feature_projection = FeatureProjection(cfg.conv_dim, cfg.encoder_embed_dim)
+        self.feature_projection = FeatureProjection(cfg.conv_dim, cfg.encoder_embed_dim, cfg.keep_feature_projection)
         self.dropout_input = nn.Dropout(cfg.dropout_input)
         self.dropout_features = nn.Dropout(cfg.dropout_features)
         self.mask_embedding = nn.Parameter(torch.empty(cfg.encoder_embed_dim).uniform_())
@@ -307,7 +307,9 @@ class Wav2Vec2Model(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     @classmethod
     def from_pretrained(cls, path: str | Path, *, strict: bool = True, map_location: str = "cpu") -> "Wav2Vec2Model":
-        """Load a fairseq ``.pt``, a Hugging Face directory, or our own directory (format detected)."""
+        """Load a fairseq ``.pt``, a Hugging Face directory, or our own directory (format detected); or a Hugging
+        Face Hub id (``"facebook/wav2vec2-xls-r-300m"``: a string that is no existing path), through
+        ``huggingface_hub``'s cache (downloaded where the network allows)."""
         from xlsr.checkpoints import load_pretrained
 
         return load_pretrained(cls, path, strict=strict, map_location=map_location)

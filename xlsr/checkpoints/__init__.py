@@ -5,7 +5,7 @@ missing or unexpected key, or a shape mismatch, is an error that names it. One m
 ``fairseq``, ``huggingface``, and ``training`` (the ``.pt`` files ``python -m xlsr.pretrain`` writes), plus ``ctc``
 (fine-tuned CTC models of all three formats, for ``xlsr.Wav2Vec2ForCTC``); the shared
 pieces: ``errors`` (CheckpointError), ``safe_loading`` (``safe_torch_load``), ``files`` (JSON and safetensors
-reading), ``keymap`` (renaming state-dict keys).
+reading), ``keymap`` (renaming state-dict keys), ``hub`` (Hugging Face Hub ids, resolved to their cached snapshot).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from torch import nn
 
 from xlsr.checkpoints.errors import CheckpointError
 from xlsr.checkpoints.files import read_json_object
+from xlsr.checkpoints.hub import resolve_checkpoint_path
 from xlsr.checkpoints.safe_loading import safe_torch_load
 from xlsr.checkpoints.training import is_sharded_training_checkpoint
 from xlsr.config import Wav2Vec2Config
@@ -51,7 +52,9 @@ def detect_format(path: str | Path) -> str:
 
 
 def read_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[Wav2Vec2Config, dict[str, torch.Tensor], dict]:
-    """Any supported format -> (config, state dict in our key names, info)."""
+    """Any supported format (or a Hugging Face Hub id: ``hub.resolve_checkpoint_path``) -> (config, state dict in
+    our key names, info)."""
+    path = resolve_checkpoint_path(path)
     fmt = detect_format(path)
     if fmt == "native":
         from xlsr.checkpoints.native import read_native
@@ -99,7 +102,9 @@ def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor
 
 
 def load_pretrained(cls: type, path: str | Path, *, strict: bool = True, map_location: str = "cpu") -> nn.Module:
-    """Build ``cls(config)`` from a checkpoint of any supported format and load its weights."""
+    """Build ``cls(config)`` from a checkpoint of any supported format (or a Hugging Face Hub id) and load its
+    weights."""
+    path = resolve_checkpoint_path(path)  # once here: what follows gets the local folder, no second Hub look-up
     config, state_dict, info = read_checkpoint(path, map_location)
     state_dict = {k: (v.float() if v.is_floating_point() else v) for k, v in state_dict.items()}
     if strict:

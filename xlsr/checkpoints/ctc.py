@@ -6,7 +6,20 @@ fairseq: ``w2v_encoder.w2v_model.*`` (renamed with ``FAIRSEQ_KEY_MAP``) and ``w2
 architecture comes from ``cfg.model.w2v_args`` (the pretraining cfg, fine-tuning overrides already applied by fairseq),
 the vocabulary from the ``Dictionary`` pickled into ``task_state`` (read as inert data) or a ``dict.<labels>.txt``
 beside the file; the blank is index 0 (``<s>``). HF: ``wav2vec2.*`` (``HF_KEY_MAP``), ``lm_head.*``, ``vocab.json``
-(symbol -> index), the blank is ``pad_token_id``.
+(symbol -> index), the blank is ``pad_token_id``; ``tokenizer_config.json`` names the unknown-letter symbol and the
+word delimiter, and our transcripts of an HF folder follow HF's tokenizer (``CTCConfig.text_style``).
+
+Blank naming in an HF export: HF's CTC tokenizer drops its ``pad_token`` from the text and nothing else (transformers'
+ASR pipeline decodes with ``skip_special_tokens=False``), so the blank must be the tokenizer's ``pad_token``. Without
+a ``tokenizer_config.json`` the pad_token is ``<pad>``, which in fairseq's vocabulary is index 1, not the blank
+(``<s>``, index 0): HF then printed every blank as ``<s>``. HF's own fairseq converter renames index 0 ``<pad>`` and
+index 1 ``<s>``. We keep fairseq's names and write ``tokenizer_config.json`` with ``pad_token`` = the blank's name
+(``<s>``): HF's text then equals fairseq's for index 1 too (fairseq prints it as ``<pad>``; under the converter's
+names HF prints ``<s>``), and the vocabulary read back is the source's, the one ``dict.ltr.txt`` gives (so fine-tuning
+continues an export with the same dictionary). The one difference left is fairseq's ``</s>`` (index 2), which
+fairseq's ``Dictionary.string`` drops and HF's tokenizer prints; it is never a CTC target, so a fine-tuned model does
+not emit it. Our transcripts of an HF folder follow HF's rule (``text_style="huggingface"``): they equal the
+pipeline's for every output.
 """
 
 from __future__ import annotations
@@ -27,11 +40,13 @@ from xlsr.checkpoints import detect_format, load_state_dict_checked, read_checkp
 from xlsr.checkpoints.errors import CheckpointError
 from xlsr.checkpoints.fairseq import _as_dict, config_from_fairseq, state_dict_from_fairseq
 from xlsr.checkpoints.files import read_json_object
+from xlsr.checkpoints.hub import resolve_checkpoint_path
 from xlsr.checkpoints.huggingface import (
     CONFIG_NAME,
     PREPROCESSOR_NAME,
     SAFETENSORS_NAME,
     config_to_huggingface,
+    fit_feature_projection,
     preprocessor_to_huggingface,
     read_huggingface_config,
     read_weights,
@@ -49,6 +64,10 @@ MODEL_TYPE = "xlsr-wav2vec2-ctc"
 WEIGHTS_NAME = "model.safetensors"
 VOCAB_NAME = "vocab.json"
 ADDED_TOKENS_NAME = "added_tokens.json"  # HF tokenizers keep symbols added after training here
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"  # HF tokenizer settings: special tokens, word delimiter
+HF_TOKENIZER_CLASS = "Wav2Vec2CTCTokenizer"
+HF_PROCESSOR_CLASS = "Wav2Vec2Processor"
+HF_DEFAULT_PAD = "<pad>"  # the pad_token (= CTC blank) of an HF tokenizer whose config does not name one
 HF_ARCHITECTURE = "Wav2Vec2ForCTC"
 HF_EXTRA_KEY = "xlsr_ctc_config"  # CTCConfig fields HF has no place for (kept in config.json, read back by us)
 ENCODER = "wav2vec2."
@@ -57,6 +76,7 @@ _PRETRAINING_HEAD = ("quantizer.", "project_q.", "final_proj.")
 FAIRSEQ_ENCODER = "w2v_encoder.w2v_model."
 FAIRSEQ_HEAD = "w2v_encoder.proj."
 FAIRSEQ_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # fairseq Dictionary's first four symbols (bos, pad, eos, unk)
+FAIRSEQ_UNK = "<unk>"
 
 
 # ---------------------------------------------------------------------------------------------- which kind
@@ -87,8 +107,9 @@ def _is_hf_ctc(path: Path) -> bool:
 
 
 def is_ctc_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` holds a CTC model (ours, HF ``Wav2Vec2ForCTC``, fairseq ``wav2vec_ctc``)."""
-    path = Path(path)
+    """Whether ``path`` (or a Hugging Face Hub id) holds a CTC model (ours, HF ``Wav2Vec2ForCTC``, fairseq
+    ``wav2vec_ctc``)."""
+    path = resolve_checkpoint_path(path)
     fmt = detect_format(path)
     if fmt == "native_ctc":
         return True
@@ -250,16 +271,15 @@ def read_huggingface_ctc(path: Path) -> Read:
     """An HF ``Wav2Vec2ForCTC`` directory -> (CTCConfig, our state, vocab, info)."""
     from xlsr.ctc import CTCConfig
 
-    encoder_cfg, hf_config, _ = read_huggingface_config(path)
+    encoder_cfg, hf_config, normalize_from = read_huggingface_config(path)
     config_file = path / CONFIG_NAME
     hf_state, files = read_weights(path)
     head = {k: v for k, v in hf_state.items() if k.startswith(HEAD)}
     if set(head) != {HEAD + "weight", HEAD + "bias"}:
         raise CheckpointError(f"{path}: no CTC head (lm_head.weight, lm_head.bias) in {', '.join(files)}")
-    encoder_state = state_dict_from_huggingface(
-        {k: v for k, v in hf_state.items() if not k.startswith(HEAD)}, path, encoder_cfg
-    )
-    info: dict[str, Any] = {"format": "huggingface", "weights": files}
+    encoder_state = state_dict_from_huggingface({k: v for k, v in hf_state.items() if not k.startswith(HEAD)}, path)
+    encoder_cfg, encoder_state = fit_feature_projection(encoder_cfg, encoder_state)
+    info: dict[str, Any] = {"format": "huggingface", "weights": files, "normalize_from": normalize_from}
     if "mask_embedding" not in encoder_state:
         # HF builds masked_spec_embed only when masking is configured; fairseq's init for the unused one
         encoder_state["mask_embedding"] = torch.empty(encoder_cfg.encoder_embed_dim).uniform_()
@@ -279,7 +299,21 @@ def read_huggingface_ctc(path: Path) -> Read:
     extras = hf_config.get(HF_EXTRA_KEY) or {}
     if not isinstance(extras, dict):
         raise CheckpointError(f"{config_file}: {HF_EXTRA_KEY} must be a JSON object")
+    tokens = read_tokenizer_settings(path)
     pad = hf_config.get("pad_token_id")
+    if pad is None and tokens["pad_token"] in vocab:
+        pad = vocab.index(tokens["pad_token"])
+    blank_name = vocab[int(pad)] if pad is not None and 0 <= int(pad) < len(vocab) else None
+    if blank_name is not None and tokens["pad_token"] is not None and tokens["pad_token"] != blank_name:
+        logger.warning("%s: pad_token_id %s (%r, the CTC blank) is not the tokenizer's pad_token %r, which HF's "
+                       "pipeline drops from its text instead: transcripts will differ from the pipeline's",
+                       path, pad, blank_name, tokens["pad_token"])
+    if tokens["do_lower_case"]:
+        logger.warning("%s: the tokenizer has do_lower_case=True: HF's pipeline lower-cases its transcripts, "
+                       "ours keep the vocabulary's case", path)
+    if tokens["clean_up_tokenization_spaces"]:
+        logger.warning("%s: the tokenizer has clean_up_tokenization_spaces=True: HF's pipeline removes the space "
+                       "before punctuation (' .' -> '.'), ours keep it", path)
     try:
         cfg = CTCConfig(
             encoder=encoder_cfg,
@@ -289,11 +323,45 @@ def read_huggingface_ctc(path: Path) -> Read:
             apply_mask=bool(hf_config.get("apply_spec_augment", True)),
             zero_infinity=bool(hf_config.get("ctc_zero_infinity", False)),
             ctc_loss_reduction=str(hf_config.get("ctc_loss_reduction", "sum")),
+            text_style="huggingface",
+            word_delimiter=tokens["word_delimiter_token"] or _TOKENIZER_DEFAULTS["word_delimiter_token"],
+            unk_symbol=tokens["unk_token"] or FAIRSEQ_UNK,
             **{k: v for k, v in extras.items() if k in ("freeze_finetune_updates", "blank_weight", "blank_mode")},
         )
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"{config_file}: {err}") from None
+    if tokens["found"]:
+        info["tokenizer_from"] = TOKENIZER_CONFIG_NAME
     return cfg, state, vocab, info
+
+
+# transformers' Wav2Vec2CTCTokenizer defaults (what a folder without tokenizer_config.json gets)
+_TOKENIZER_DEFAULTS: dict[str, Any] = {
+    "unk_token": "<unk>", "pad_token": HF_DEFAULT_PAD, "bos_token": "<s>", "eos_token": "</s>",
+    "word_delimiter_token": "|", "do_lower_case": False, "clean_up_tokenization_spaces": False,
+}
+
+
+def read_tokenizer_settings(path: Path) -> dict[str, Any]:
+    """The CTC tokenizer settings of an HF folder (``tokenizer_config.json``, transformers' defaults where it is
+    absent or silent): the special-token names (a plain string, or transformers 4.x's ``{"content": ...}``),
+    ``word_delimiter_token``, ``do_lower_case``, ``clean_up_tokenization_spaces``; "found": whether the file exists."""
+    settings = dict(_TOKENIZER_DEFAULTS)
+    config_file = path / TOKENIZER_CONFIG_NAME
+    settings["found"] = config_file.is_file()
+    if not settings["found"]:
+        return settings
+    config = read_json_object(config_file)
+    for key in _TOKENIZER_DEFAULTS:
+        if key not in config:
+            continue
+        value = config[key]
+        if isinstance(value, dict) and key.endswith("_token"):
+            value = value.get("content")
+        if key.endswith("_token") and value is not None and not isinstance(value, str):
+            raise CheckpointError(f"{config_file}: {key} must be a string, got {value!r}")
+        settings[key] = value
+    return settings
 
 
 def read_native_ctc(path: Path) -> Read:
@@ -315,9 +383,9 @@ def read_native_ctc(path: Path) -> Read:
 
 
 def read_ctc(path: str | Path, map_location: str = "cpu") -> Read:
-    """Any CTC checkpoint -> (CTCConfig, state dict in our key names, vocab, info); a checkpoint without a CTC head
-    is a CheckpointError naming it."""
-    path = Path(path)
+    """Any CTC checkpoint (or a Hugging Face Hub id) -> (CTCConfig, state dict in our key names, vocab, info); a
+    checkpoint without a CTC head is a CheckpointError naming it."""
+    path = resolve_checkpoint_path(path)
     fmt = detect_format(path)
     if fmt == "native_ctc":
         return read_native_ctc(path)
@@ -356,12 +424,14 @@ def load_ctc(cls: type, path: str | Path, vocab: Sequence[str] | None, *, strict
     from xlsr.ctc import CTCConfig, finetuning_encoder_config
 
     ctc_settings, encoder_settings = _split_settings(settings or {})
-    path = Path(path)
+    path = resolve_checkpoint_path(path)  # once here: the readers below get the local folder, no second Hub look-up
     if is_ctc_checkpoint(path):
         cfg, state, file_vocab, info = read_ctc(path, map_location)
-        if vocab is not None:  # a new head on this encoder
+        if vocab is not None:  # a new head on this encoder, for a vocabulary in fairseq's conventions
             state = {k: v for k, v in state.items() if not k.startswith(HEAD)}
-            cfg = dataclasses.replace(cfg, vocab_size=len(vocab), blank_index=0)
+            text_defaults = {f.name: f.default for f in dataclasses.fields(CTCConfig)
+                             if f.name in ("text_style", "word_delimiter", "unk_symbol")}
+            cfg = dataclasses.replace(cfg, vocab_size=len(vocab), blank_index=0, **text_defaults)
         else:
             vocab = file_vocab
     else:
@@ -412,8 +482,34 @@ def save_ctc_native(model: nn.Module, out_dir: str | Path) -> Path:
     return out_dir
 
 
+def tokenizer_config_to_huggingface(cfg: Any, vocab: Sequence[str]) -> dict[str, Any]:
+    """``tokenizer_config.json`` for HF's ``Wav2Vec2CTCTokenizer`` over ``vocab``: the blank's name is the
+    pad_token (see the module docstring); bos/eos/unk are named where the vocabulary has them and they are not the
+    blank (null otherwise, so that the tokenizer adds no symbol to the vocabulary). Spelled out rather than left to
+    defaults: transformers 4.x defaulted ``clean_up_tokenization_spaces`` to True (' .' -> '.'), which would make
+    its text differ from ours. Special tokens live here and nowhere else: transformers 5 writes no
+    ``special_tokens_map.json``, and 4.x reads them from this file too."""
+    blank = vocab[cfg.blank_index]
+
+    def named(symbol: str) -> str | None:
+        return symbol if symbol in vocab and symbol != blank else None
+
+    return {
+        "tokenizer_class": HF_TOKENIZER_CLASS,
+        "processor_class": HF_PROCESSOR_CLASS,
+        "pad_token": blank,
+        "unk_token": named(cfg.unk_symbol),
+        "bos_token": named("<s>"),
+        "eos_token": named("</s>"),
+        "word_delimiter_token": cfg.word_delimiter,
+        "replace_word_delimiter_char": " ",
+        "do_lower_case": False,
+        "clean_up_tokenization_spaces": False,
+    }
+
+
 def config_to_huggingface_ctc(cfg: Any, vocab: Sequence[str]) -> dict[str, Any]:
-    """CTCConfig -> HF ``config.json`` dict for ``Wav2Vec2ForCTC``."""
+    """CTCConfig -> HF ``config.json`` dict for ``Wav2Vec2ForCTC`` (the blank is ``pad_token_id``)."""
     out = config_to_huggingface(cfg.encoder)
     out.update({
         "architectures": [HF_ARCHITECTURE],
@@ -433,19 +529,27 @@ def config_to_huggingface_ctc(cfg: Any, vocab: Sequence[str]) -> dict[str, Any]:
 
 
 def save_ctc_huggingface(model: nn.Module, out_dir: str | Path) -> Path:
-    """Write a Wav2Vec2ForCTC as an HF ``Wav2Vec2ForCTC`` directory (``config.json``, ``model.safetensors``,
-    ``preprocessor_config.json``, ``vocab.json`` whose indices are our output indices)."""
+    """Write a Wav2Vec2ForCTC as an HF ``Wav2Vec2ForCTC`` directory that ``Wav2Vec2Processor`` / ``AutoProcessor``
+    and the ASR ``pipeline`` of transformers 4.x and 5.x read: ``config.json``, ``model.safetensors``,
+    ``preprocessor_config.json`` (the feature extractor; see ``preprocessor_to_huggingface``), ``vocab.json``
+    (symbol -> our output index) and ``tokenizer_config.json`` (the blank is its pad_token)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     encoder_state = {k[len(ENCODER):]: v for k, v in state.items() if k.startswith(ENCODER)}
     hf_state = state_dict_to_huggingface(encoder_state, model.cfg.encoder)
     hf_state.update({k: v for k, v in state.items() if k.startswith(HEAD)})
-    (out_dir / CONFIG_NAME).write_text(json.dumps(config_to_huggingface_ctc(model.cfg, model.vocab), indent=2) + "\n")
+    vocab = model.vocab  # fairseq's names kept (module docstring); tokenizer_config.json makes the blank the pad_token
+    (out_dir / CONFIG_NAME).write_text(json.dumps(config_to_huggingface_ctc(model.cfg, vocab), indent=2) + "\n")
     (out_dir / PREPROCESSOR_NAME).write_text(
         json.dumps(preprocessor_to_huggingface(model.cfg.encoder), indent=2) + "\n"
     )
-    (out_dir / VOCAB_NAME).write_text(json.dumps(_vocab_mapping(model.vocab), indent=2, ensure_ascii=False) + "\n")
+    (out_dir / VOCAB_NAME).write_text(json.dumps(_vocab_mapping(vocab), indent=2, ensure_ascii=False) + "\n",
+                                      encoding="utf-8")
+    (out_dir / TOKENIZER_CONFIG_NAME).write_text(
+        json.dumps(tokenizer_config_to_huggingface(model.cfg, vocab), indent=2, ensure_ascii=False) + "\n",
+        encoding="utf-8",
+    )
     save_file({k: v.contiguous() for k, v in hf_state.items()}, str(out_dir / SAFETENSORS_NAME),
               metadata={"format": "pt"})
     return out_dir

@@ -1,10 +1,12 @@
 """Hugging Face ``transformers`` wav2vec 2.0 directories: key map, config reader/writer, loader and exporter.
 
 A Hugging Face export is a directory with ``config.json`` (``model_type: "wav2vec2"``), the weights
-(``model.safetensors``, a sharded ``model.safetensors.index.json``, or ``pytorch_model.bin``) and, usually, a
-``preprocessor_config.json`` that says whether the input is normalised. We read ``Wav2Vec2ForPreTraining`` exports
-(keys under ``wav2vec2.`` plus ``quantizer.*``, ``project_hid.*``, ``project_q.*``) and bare ``Wav2Vec2Model``
-exports (the same keys without the ``wav2vec2.`` prefix and without the pretraining head), and write
+(``model.safetensors``, a sharded ``model.safetensors.index.json``, or ``pytorch_model.bin``) and, usually, the
+feature extractor's settings, which say whether the input is normalised: ``preprocessor_config.json`` (what
+transformers 4.x writes, and 5.x still reads) or, from transformers 5, nested under ``feature_extractor`` in
+``processor_config.json`` (what 5.x writes, and reads first; 4.x does not read it). We read
+``Wav2Vec2ForPreTraining`` exports (keys under ``wav2vec2.`` plus ``quantizer.*``, ``project_hid.*``, ``project_q.*``)
+and bare ``Wav2Vec2Model`` exports (the same keys without the ``wav2vec2.`` prefix and without the pretraining head), and write
 ``Wav2Vec2ForPreTraining`` exports that ``transformers`` loads with no missing or unexpected key.
 """
 
@@ -33,6 +35,9 @@ MODEL_TYPE = "wav2vec2"
 ARCHITECTURE = "Wav2Vec2ForPreTraining"
 CONFIG_NAME = "config.json"
 PREPROCESSOR_NAME = "preprocessor_config.json"
+PROCESSOR_NAME = "processor_config.json"
+# where transformers >= 5 nests the feature extractor's settings inside processor_config.json (audio models)
+_NESTED_FEATURE_EXTRACTOR_KEYS = ("feature_extractor", "audio_processor")
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 PYTORCH_NAME = "pytorch_model.bin"
@@ -266,9 +271,14 @@ def config_to_huggingface(cfg: Wav2Vec2Config) -> dict[str, Any]:
 
 
 def preprocessor_to_huggingface(cfg: Wav2Vec2Config) -> dict[str, Any]:
-    """A minimal ``preprocessor_config.json`` for ``Wav2Vec2FeatureExtractor`` matching ``cfg``."""
+    """A minimal ``preprocessor_config.json`` for ``Wav2Vec2FeatureExtractor`` matching ``cfg``.
+
+    We write this file, not transformers 5's ``processor_config.json`` (the feature extractor nested inside):
+    transformers 4.x reads only ``preprocessor_config.json``, and 5.x still reads it when ``processor_config.json``
+    is absent, so one file serves both."""
     return {
         "feature_extractor_type": "Wav2Vec2FeatureExtractor",
+        "processor_class": "Wav2Vec2Processor",
         "feature_size": 1,
         "sampling_rate": cfg.sample_rate,
         "padding_value": 0.0,
@@ -296,9 +306,10 @@ def _pos_conv_from_plain_weight(state: dict[str, torch.Tensor]) -> dict[str, tor
 
 
 def state_dict_from_huggingface(
-    hf_state: dict[str, torch.Tensor], source: Any = "checkpoint", cfg: Wav2Vec2Config | None = None
+    hf_state: dict[str, torch.Tensor], source: Any = "checkpoint"
 ) -> dict[str, torch.Tensor]:
-    """HF ``Wav2Vec2ForPreTraining`` (or bare ``Wav2Vec2Model``) state dict -> ours.
+    """HF ``Wav2Vec2ForPreTraining`` (or bare ``Wav2Vec2Model``) state dict -> ours (the feature projection kept
+    as HF has it: ``fit_feature_projection`` fits it to our model).
 
     Keys of HF heads or modules we do not have are an error naming them.
     """
@@ -323,30 +334,32 @@ def state_dict_from_huggingface(
         state = fuse_qkv(renamed)
     except KeyError as err:
         raise CheckpointError(f"{source}: {err.args[0]}") from None
-    if cfg is not None and cfg.conv_dim == cfg.encoder_embed_dim:
-        state = _drop_identity_projection(state, source)
     return state
 
 
-def _drop_identity_projection(state: dict[str, torch.Tensor], source: Any) -> dict[str, torch.Tensor]:
-    """Our model has no feature projection when conv and model dims are equal; HF always has one."""
-    weight = state.pop("feature_projection.projection.weight", None)
-    bias = state.pop("feature_projection.projection.bias", None)
-    if weight is None:
-        return state
+def fit_feature_projection(
+    cfg: Wav2Vec2Config, state: dict[str, torch.Tensor]
+) -> tuple[Wav2Vec2Config, dict[str, torch.Tensor]]:
+    """HF always has ``feature_projection.projection``; our model (as fairseq's) has none when the conv dimension
+    equals the hidden size, unless ``keep_feature_projection``. For such a model: an identity projection (what
+    ``state_dict_to_huggingface`` writes for ours) is dropped, any other one kept with ``keep_feature_projection``
+    set. Returns (config, state dict in our key names)."""
+    weight = state.get("feature_projection.projection.weight")
+    if cfg.conv_dim != cfg.encoder_embed_dim or weight is None or cfg.keep_feature_projection:
+        return cfg, state
+    bias = state.get("feature_projection.projection.bias")
     eye = torch.eye(weight.shape[0], dtype=weight.dtype)
-    if weight.shape != eye.shape or not torch.equal(weight, eye) or (bias is not None and bias.count_nonzero()):
-        raise CheckpointError(
-            f"{source}: conv dim equals hidden size but feature_projection.projection is not the identity; "
-            "our model has no projection in that case"
-        )
-    return state
+    if weight.shape == eye.shape and torch.equal(weight, eye) and (bias is None or not bias.count_nonzero()):
+        state = {k: v for k, v in state.items() if not k.startswith("feature_projection.projection.")}
+        return cfg, state
+    return dataclasses.replace(cfg, keep_feature_projection=True), state
 
 
 def state_dict_to_huggingface(state_dict: dict[str, torch.Tensor], cfg: Wav2Vec2Config) -> dict[str, torch.Tensor]:
     """Ours -> HF ``Wav2Vec2ForPreTraining`` key names."""
     state = dict(state_dict)
     if "feature_projection.projection.weight" not in state and cfg.conv_dim == cfg.encoder_embed_dim:
+        # fairseq's layout (no projection when C == D): HF's always has one, so write the identity
         ref = state["feature_projection.layer_norm.weight"]
         state["feature_projection.projection.weight"] = torch.eye(cfg.conv_dim, dtype=ref.dtype)
         state["feature_projection.projection.bias"] = torch.zeros(cfg.conv_dim, dtype=ref.dtype)
@@ -402,38 +415,57 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], list[str]]:
     )
 
 
-def read_huggingface_config(path: Path) -> tuple[Wav2Vec2Config, dict[str, Any], dict[str, Any] | None]:
-    """An HF directory's ``config.json`` (+ ``preprocessor_config.json`` where present) -> (our config, the HF
-    config and preprocessor config as read, the latter None when absent); problems are CheckpointErrors naming
-    the file."""
+def read_feature_extractor_settings(path: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """An HF directory's feature-extractor settings, looked up as transformers 5 does: nested under
+    ``feature_extractor`` (or ``audio_processor``) in ``processor_config.json`` first, else
+    ``preprocessor_config.json`` (transformers 4.x's only place). Returns (settings, the file name they came
+    from), (None, None) when neither holds them."""
+    processor_file = path / PROCESSOR_NAME
+    if processor_file.is_file():
+        processor = read_json_object(processor_file)
+        for key in _NESTED_FEATURE_EXTRACTOR_KEYS:
+            if key in processor:
+                if not isinstance(processor[key], dict):
+                    raise CheckpointError(f"{processor_file}: {key!r} must be a JSON object")
+                return processor[key], PROCESSOR_NAME
+    preprocessor_file = path / PREPROCESSOR_NAME
+    if preprocessor_file.is_file():
+        return read_json_object(preprocessor_file), PREPROCESSOR_NAME
+    return None, None
+
+
+def read_huggingface_config(path: Path) -> tuple[Wav2Vec2Config, dict[str, Any], str]:
+    """An HF directory's ``config.json`` (+ the feature extractor's settings where present:
+    ``read_feature_extractor_settings``) -> (our config, the HF config as read, the file ``normalize`` came from:
+    "default" when no file says, with a warning); problems are CheckpointErrors naming the file."""
     config_file = path / CONFIG_NAME
     if not config_file.is_file():
         raise CheckpointError(f"{path}: missing {CONFIG_NAME}")
     hf_config = read_json_object(config_file)
-    preprocessor_file = path / PREPROCESSOR_NAME
-    preprocessor = read_json_object(preprocessor_file) if preprocessor_file.is_file() else None
+    preprocessor, preprocessor_file = read_feature_extractor_settings(path)
     try:
-        return config_from_huggingface(hf_config, preprocessor), hf_config, preprocessor
+        config = config_from_huggingface(hf_config, preprocessor)
     except CheckpointError as err:
         raise CheckpointError(f"{config_file}: {err}") from None
+    if preprocessor is None or preprocessor.get("do_normalize") is None:
+        logger.warning("%s: no do_normalize in %s or %s; assuming normalize=%s", path, PROCESSOR_NAME,
+                       PREPROCESSOR_NAME, config.normalize)
+        return config, hf_config, "default"
+    return config, hf_config, preprocessor_file
 
 
 def read_huggingface(path: str | Path) -> tuple[Wav2Vec2Config, dict[str, torch.Tensor], dict]:
     """Read an HF wav2vec 2.0 directory -> (config, our state dict, info)."""
     path = Path(path)
-    config, hf_config, preprocessor = read_huggingface_config(path)
+    config, hf_config, normalize_from = read_huggingface_config(path)
     hf_state, files = read_weights(path)
-    state_dict = state_dict_from_huggingface(hf_state, path, config)
+    config, state_dict = fit_feature_projection(config, state_dict_from_huggingface(hf_state, path))
     info: dict[str, Any] = {"format": "huggingface", "weights": files}
     if hf_config.get("architectures"):
         info["architectures"] = list(hf_config["architectures"])
     if hf_config.get("diversity_loss_weight") is not None:
         info["diversity_loss_weight"] = float(hf_config["diversity_loss_weight"])
-    if preprocessor is None:
-        logger.warning("%s: no %s; assuming normalize=%s", path, PREPROCESSOR_NAME, config.normalize)
-        info["normalize_from"] = "default"
-    else:
-        info["normalize_from"] = PREPROCESSOR_NAME if preprocessor.get("do_normalize") is not None else "default"
+    info["normalize_from"] = normalize_from
     return config, state_dict, info
 
 

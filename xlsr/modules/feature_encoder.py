@@ -150,10 +150,12 @@ class FeatureProjection(nn.Module):
     forward returns both: the normed features (B, T, C) (quantizer input) and the projection (B, T, D).
     """
 
-    def __init__(self, conv_dim: int, embed_dim: int):
+    def __init__(self, conv_dim: int, embed_dim: int, keep_projection: bool = False):
+        """keep_projection: a Linear even when ``conv_dim == embed_dim`` (Hugging Face's layout); without it
+        there is none then (fairseq's)."""
         super().__init__()
         self.layer_norm = nn.LayerNorm(conv_dim)
-        self.projection = nn.Linear(conv_dim, embed_dim) if conv_dim != embed_dim else None
+        self.projection = nn.Linear(conv_dim, embed_dim) if conv_dim != embed_dim or keep_projection else None
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         normed = self.layer_norm(features)
