@@ -111,7 +111,7 @@ class FineTuner(Trainer):
             return Dictionary.load(cfg.dictionary)
         if self._continue:
             model = Wav2Vec2ForCTC.from_pretrained(cfg.model.init_from)
-            dictionary = Dictionary.from_vocab(model.vocab, model.blank_index)
+            dictionary = Dictionary.from_vocab(model.vocab, model.blank_index, model.unk_symbol)
             del model
             if Path(beside).is_file() and Dictionary.load(beside) != dictionary:
                 logger.warning("%s differs from the vocabulary of the fine-tuned model %s (%d symbols, blank %d): "
