@@ -134,7 +134,7 @@ def test_blank_plateau_warning(digits, biased_models, tmp_path, caplog, monkeypa
 # ----------------------------------------------------------------- freeze_finetune_updates under DDP and FSDP
 FROZEN = ("optim.max_update=4", "model.freeze_finetune_updates=2", "checkpoint.save_interval_updates=2",
           "checkpoint.keep_last=0", "distributed.backend=gloo", "device=cpu", "threads=1", "data.max_tokens=50000",
-          "checkpoint.best_metric=")
+          "validate_interval_updates=2")  # and best/ by WER (the default)
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +143,8 @@ def frozen_single(digits, tmp_path_factory):  # noqa: F811
     from xlsr.finetune.trainer import FineTuner
 
     out = tmp_path_factory.mktemp("frozen") / "single"
-    trainer = FineTuner(compose_config(overrides(digits, out, *FROZEN, "optim.update_freq=2")))
+    trainer = FineTuner(compose_config(overrides(digits, out, *FROZEN, "optim.update_freq=2",
+                                                 f"data.valid_manifest={digits[0]}")))
     initial_head = trainer.model.lm_head.weight.detach().clone()
     trainer.train()
     return out, initial_head
@@ -156,13 +157,15 @@ def encoder_moved(a: dict, b: dict) -> bool:
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_frozen_phase_on_two_processes(digits, frozen_single, tmp_path, strategy):  # noqa: F811
     """2 gloo ranks with the encoder frozen for 2 of 4 updates == 1 process with update_freq=2 (1e-5); at update 2
-    the encoder is the pretrained one exactly and the head has moved; by update 4 the encoder has moved too."""
+    the encoder is the pretrained one exactly and the head has moved; by update 4 the encoder has moved too. The
+    best model by WER (written by rank 0; FSDP: gathered from the shards) is the same as one process's."""
     single, initial_head = frozen_single
     reference = weights(single / "model")
     two = tmp_path / strategy
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
            f"--master_port={29561 + (strategy == 'fsdp')}", "-m", "xlsr.finetune",
-           *overrides(digits, two, *FROZEN, "optim.update_freq=1", f"distributed.strategy={strategy}")]
+           *overrides(digits, two, *FROZEN, "optim.update_freq=1", f"distributed.strategy={strategy}",
+                      f"data.valid_manifest={digits[0]}")]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     pretrained = {f"wav2vec2.{k}": v for k, v in xlsr.Wav2Vec2Model.from_pretrained(digits[1]).state_dict().items()
@@ -170,7 +173,8 @@ def test_frozen_phase_on_two_processes(digits, frozen_single, tmp_path, strategy
     final = weights(two / "model")
     at_2 = weights(two / "checkpoints" / ("checkpoint_2" if strategy == "fsdp" else "checkpoint_2.pt"))
     reference_at_2 = weights(single / "checkpoints" / "checkpoint_2.pt")
-    for mine, theirs in ((final, reference), (at_2, reference_at_2)):
+    assert best_record(two) == best_record(single)
+    for mine, theirs in ((final, reference), (at_2, reference_at_2), (weights(two / "best"), weights(single / "best"))):
         assert max((mine[k] - theirs[k]).abs().max().item() for k in theirs) <= 1e-5
     assert not encoder_moved({k: at_2[k] for k in pretrained}, pretrained)
     assert not torch.equal(at_2["lm_head.weight"], initial_head)
