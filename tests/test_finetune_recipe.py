@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import xlsr
+import test_pretrain
 from test_finetune import digits, overrides, records, run  # noqa: F401 (digits: fixture)
+from test_pretrain import few  # noqa: F401 (fixture)
 from xlsr.finetune.config import compose_config
 from xlsr.checkpoints import safe_torch_load
 from xlsr.finetune.labels import Dictionary
@@ -72,6 +74,20 @@ def test_resumed_run_keeps_an_earlier_better_best(digits, tmp_path):  # noqa: F8
     assert best_record(parts) == best_record(whole) == {"metric": "loss", "value": losses[0], "update": 2}
     assert same_weights(weights(parts / "best"), weights(whole / "checkpoints" / "checkpoint_2.pt"))
     assert not same_weights(weights(parts / "best"), weights(parts / "model"))
+
+
+def test_pretraining_keeps_the_best_validation_loss(few, tmp_path):  # noqa: F811
+    from xlsr.pretrain.config import compose_config as compose_pretrain_config
+
+    out = tmp_path / "pretrain"
+    test_pretrain.run_in_process(compose_pretrain_config(test_pretrain.overrides(
+        few, out, "optim.max_update=6", f"data.valid_manifest={few}", "validate_interval_updates=2",
+        "checkpoint.save_interval_updates=2", "checkpoint.keep_last=0", "checkpoint.best_metric=loss")))
+    valid = [r for r in test_pretrain.read_metrics(out) if r["split"] == "valid"]
+    lowest = min(valid, key=lambda r: r["loss"])
+    assert best_record(out) == {"metric": "loss", "value": lowest["loss"], "update": lowest["update"]}
+    best = xlsr.Wav2Vec2Model.from_pretrained(out / "best").state_dict()
+    assert same_weights(best, safe_torch_load(out / "checkpoints" / f"checkpoint_{lowest['update']}.pt")["model"])
 
 
 def test_best_metric_must_be_a_validation_value(digits, tmp_path):  # noqa: F811
