@@ -90,7 +90,7 @@ BLANK_PLATEAU_ADVICE = (
     "The usual causes and what to try: too few updates yet (CTC first learns to emit only the blank; give it more); "
     "optim.lr too low (nothing moves) or too high (the outputs collapse to the blank): try a few values around "
     "the recipe's 3e-4; "
-    "model.freeze_finetune_updates too long for the run; on small data (hours, not hundreds of hours) masks, "
+    "model.freeze_finetune_updates too long for the run; on little data the masks, "
     "LayerDrop and dropout too strong: try model.mask_prob=0 model.mask_channel_prob=0 model.layerdrop=0 "
     "model.activation_dropout=0; a dictionary that does not match the transcripts (check dict.ltr.txt against "
     "the .ltr files, and the vocabulary of a fine-tuned model.init_from)"
