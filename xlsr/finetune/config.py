@@ -3,7 +3,13 @@
 Defaults are fairseq's XLS-R fine-tuning recipe (``examples/wav2vec/xlsr/config/finetune.yaml``): Adam (0.9, 0.98),
 eps 1e-8, lr 3e-4, tri-stage schedule [0.1, 0.4, 0.5] with final scale 0.05, masks 0.75 x 10 in time and 0.25 x 64
 over channels, LayerDrop 0.1, activation dropout 0.1, a frozen conv stack, the encoder frozen for the first 10k
-updates, CTC with zero_infinity, 1.28M samples per batch.
+updates, CTC with zero_infinity, 1.28M samples per batch, and the best model by validation WER kept in ``best/``
+(``checkpoint.best_metric=wer``, fairseq's ``best_checkpoint_metric: wer``).
+
+Not the recipe's: its batch is 4 GPUs x ``update_freq`` 5 x 1.28M samples, in fp16; here one process with
+``update_freq`` 1 in fp32 (on N GPUs: ``optim.update_freq=20/N``, ``precision=fp16`` or ``bf16``). The recipe
+validates every 1000 updates from update 10000 (``validate_interval_updates=1000 validate_after_updates=10000``);
+here at the end of every epoch from the start.
 """
 
 from __future__ import annotations
@@ -85,6 +91,10 @@ def _finetune_data() -> FinetuneDataConfig:
     return FinetuneDataConfig(max_tokens=1_280_000)  # XLS-R's finetune.yaml
 
 
+def _finetune_checkpoint() -> CheckpointConfig:
+    return CheckpointConfig(best_metric="wer")  # XLS-R's finetune.yaml: best_checkpoint_metric: wer
+
+
 @dataclass
 class FineTuneConfig:
     """Everything ``python -m xlsr.finetune`` takes; field names mirror ``PretrainConfig`` where they mean the same."""
@@ -103,8 +113,8 @@ class FineTuneConfig:
     """Optimizer and schedule."""
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     """Backend and timeout (ranks come from torchrun)."""
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    """Saving, keep-last, resume."""
+    checkpoint: CheckpointConfig = field(default_factory=_finetune_checkpoint)
+    """Saving, keep-last, resume, and the best model by validation WER (``best_metric``: wer, cer, loss or "")."""
     output_dir: str = "runs/finetune"
     """Where config.yaml, metrics.jsonl, checkpoints/ and model/ go."""
     seed: int = 1
@@ -122,7 +132,9 @@ class FineTuneConfig:
     log_interval: int = 10
     """Updates between train lines in metrics.jsonl."""
     validate_interval_updates: int = 0
-    """Validate every this many updates; 0 = at the end of every epoch."""
+    """Validate every this many updates; 0 = at the end of every epoch (fairseq's recipe: 1000)."""
+    validate_after_updates: int = 0
+    """No validation before this update (fairseq ``validate_after_updates``; its recipe: 10000, the frozen phase)."""
     max_valid_batches: int = 0
     """Validate on at most this many batches; 0 = all."""
     valid_examples: int = 3

@@ -41,13 +41,14 @@ class CTCLoss:
     sample_size: int  # utterances (fairseq's sentence_avg)
     ntokens: int  # target letters
     infeasible: int  # utterances whose loss was infinite (targets longer than the audio allows), zeroed
+    empty_outputs: int  # utterances whose greedy output is the blank at every frame (an empty transcript)
 
 
 class CTCTotals(Totals):
     """Sums of what one update, an epoch or a validation pass logs (the interface of ``StepTotals``)."""
 
-    KEYS = ("loss", "sample_size", "ntokens", "infeasible", "num_batches", "audio_seconds", "word_edits",
-            "words", "char_edits", "chars")
+    KEYS = ("loss", "sample_size", "ntokens", "infeasible", "empty_outputs", "num_batches", "audio_seconds",
+            "word_edits", "words", "char_edits", "chars")
 
     def add(self, loss: CTCLoss, out, audio_seconds: float) -> None:
         v = self.values
@@ -55,6 +56,7 @@ class CTCTotals(Totals):
         v["sample_size"] += loss.sample_size
         v["ntokens"] += loss.ntokens
         v["infeasible"] += loss.infeasible
+        v["empty_outputs"] += loss.empty_outputs
         v["num_batches"] += 1
         v["audio_seconds"] += audio_seconds
 
@@ -68,28 +70,48 @@ class CTCTotals(Totals):
 
 def ctc_record(stats: dict[str, float]) -> dict[str, float]:
     """Summed statistics -> logged values: ``loss`` in bits per utterance (fairseq's CTC ``loss``), ``nll_loss`` in
-    bits per letter (validation adds ``wer`` / ``cer``, see ``FineTuner.validation_extras``)."""
+    bits per letter, ``empty_outputs`` the fraction of utterances whose greedy transcript is empty (validation adds
+    ``wer`` / ``cer``, see ``FineTuner.validation_extras``)."""
     record = {
         "loss": stats["loss"] / max(stats["sample_size"], 1.0) / LOG2,
         "nll_loss": stats["loss"] / max(stats["ntokens"], 1.0) / LOG2,
         "sample_size": stats["sample_size"],
         "ntokens": stats["ntokens"],
         "infeasible": stats["infeasible"],
+        "empty_outputs": stats["empty_outputs"] / max(stats["sample_size"], 1.0),
         "num_batches": stats["num_batches"],
         "audio_seconds": stats["audio_seconds"],
     }
     return record
 
 
+BLANK_PLATEAU_ADVICE = (
+    "every greedy output is blank (WER 100 %%) after the frozen phase (model.freeze_finetune_updates=%d): %s. "
+    "The usual causes and what to try: too few updates yet (CTC first learns to emit only the blank; give it more); "
+    "optim.lr too low (nothing moves) or too high (the outputs collapse to the blank): try a few values around "
+    "the recipe's 3e-4; "
+    "model.freeze_finetune_updates too long for the run; on little data the masks, "
+    "LayerDrop and dropout too strong: try model.mask_prob=0 model.mask_channel_prob=0 model.layerdrop=0 "
+    "model.activation_dropout=0; a dictionary that does not match the transcripts (check dict.ltr.txt against "
+    "the .ltr files, and the vocabulary of a fine-tuned model.init_from)"
+)
+
+
 class FineTuner(Trainer):
     """Builds everything from a ``FineTuneConfig`` and runs ``train()``."""
 
     cfg: FineTuneConfig
+    BEST_METRICS = ("wer", "cer", "loss")
+    BLANK_PATIENCE = 1000
+    """Training updates in a row after the frozen phase with every greedy output blank (every utterance of every
+    micro-batch on every rank, masks and dropout on) before the blank-plateau warning."""
 
     def __init__(self, cfg: FineTuneConfig):
         self.dictionary = self._dictionary(cfg)
         self._examples: list[tuple[str, str]] = []
         self._errors = CTCTotals()
+        self._blank_updates = 0  # unfrozen training updates in a row with every greedy output blank
+        self._warned_blank = False
         super().__init__(cfg)
         if self.is_main:
             self.dictionary.save(self.output_dir / "dict.ltr.txt")
@@ -175,7 +197,11 @@ class FineTuner(Trainer):
         )
         with torch.no_grad():
             infeasible = int((per_utterance == 0).logical_and(target_lengths.to(per_utterance.device) > 0).sum())
-        return out, CTCLoss(per_utterance.sum(), int(targets.shape[0]), int(target_lengths.sum()), infeasible)
+            emitted = out.log_probs.argmax(-1) != self.model.blank_index  # (B, T)
+            if out.padding_mask is not None:
+                emitted &= ~out.padding_mask
+            empty = int((~emitted.any(-1)).sum())
+        return out, CTCLoss(per_utterance.sum(), int(targets.shape[0]), int(target_lengths.sum()), infeasible, empty)
 
     def _dummy(self) -> dict:
         batch = super()._dummy()
@@ -198,6 +224,17 @@ class FineTuner(Trainer):
         if record["infeasible"] and self.is_main:
             logger.warning("update %d: %d utterance(s) too long for their audio under CTC (loss zeroed)",
                            self.num_updates, int(record["infeasible"]))
+        if self.num_updates > self.cfg.model.freeze_finetune_updates:
+            self._blank_updates = self._blank_updates + 1 if record["empty_outputs"] >= 1.0 else 0
+            if self._blank_updates >= self.BLANK_PATIENCE:
+                self._warn_blank_plateau(f"in every training batch of the last {self._blank_updates} updates "
+                                         f"(to update {self.num_updates})")
+
+    def _warn_blank_plateau(self, where: str) -> None:
+        """The "WER stuck at 100 %" warning, once per run."""
+        if self.is_main and not self._warned_blank:
+            logger.warning(BLANK_PLATEAU_ADVICE, self.cfg.model.freeze_finetune_updates, where)
+        self._warned_blank = True
 
     # ------------------------------------------------------------------ validation: WER and CER
     def validate(self) -> dict[str, float]:

@@ -10,6 +10,7 @@
 | ``num_updates``, ``epoch``, ``batches_done_in_epoch``, ``epoch_offset`` | where the run is: updates made, epoch (from 1), this rank's batches of the epoch done (padding batches included) after the epoch's first ``epoch_offset`` global batches (trained before a resume with another number of ranks; usually 0) |
 | ``world_size``, ``strategy`` | how many ranks wrote it, ddp or fsdp (resuming with another number of ranks continues at the epoch's first untrained batch) |
 | ``rng`` | ``torch``, ``cuda``, ``numpy``, ``python`` generator states |
+| ``best`` | the best validation so far when ``checkpoint.best_metric`` is set: ``{"metric", "value", "update"}`` (what ``output_dir/best/best.json`` holds), else None |
 | ``config`` | the resolved ``PretrainConfig`` as a plain dict |
 
 The Gumbel temperature and the LR are functions of ``num_updates``, so they resume with it.
@@ -64,7 +65,8 @@ def list_checkpoints(directory: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def _remove(path: Path) -> None:
+def remove_path(path: Path) -> None:
+    """Delete a file or a folder (gone already is fine)."""
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
     else:
@@ -75,13 +77,35 @@ def prune(directory: str | Path, keep_last: int) -> None:
     """Delete all but the newest ``keep_last`` checkpoints (and stale temporary files and folders)."""
     if keep_last > 0:
         for old in list_checkpoints(directory)[:-keep_last]:
-            _remove(old)
+            remove_path(old)
     for stale in Path(directory).glob("checkpoint_*.tmp"):
-        _remove(stale)
+        remove_path(stale)
 
 
 # What a run writes into its output_dir (besides hydra's own folder): moved aside together by archive_previous_run.
-RUN_OUTPUTS = ("metrics.jsonl", "config.yaml", "model", "tensorboard")
+BEST_DIR = "best"  # output_dir/best: the model of the best validation (checkpoint.best_metric)
+BEST_RECORD = "best.json"  # inside it: {"metric", "value", "update"}
+RUN_OUTPUTS = ("metrics.jsonl", "config.yaml", "model", BEST_DIR, "tensorboard")
+
+
+def is_better(value: float, best: dict[str, Any] | None, maximize: bool) -> bool:
+    """Whether a validation's ``value`` beats ``best`` (a ``best.json`` record, None = nothing yet); a NaN never."""
+    if value != value:
+        return False
+    if best is None:
+        return True
+    return value > best["value"] if maximize else value < best["value"]
+
+
+def replace_directory(tmp: Path, dest: Path) -> None:
+    """Put the finished folder ``tmp`` at ``dest``, replacing what is there: readers see the old folder or the new
+    one, never a half-written one (a crash between the two renames leaves ``dest.old`` and no ``dest``)."""
+    old = dest.with_name(dest.name + ".old")
+    remove_path(old)
+    if dest.exists():
+        dest.rename(old)
+    tmp.rename(dest)
+    remove_path(old)
 
 
 def previous_run_outputs(output_dir: str | Path, checkpoint_dir: str | Path) -> list[Path]:
@@ -123,7 +147,7 @@ def training_state(
 
 def progress_state(
     model_config: dict[str, Any], scaler: torch.amp.GradScaler, *, num_updates: int, epoch: int,
-    batches_done_in_epoch: int, epoch_offset: int = 0, config: dict[str, Any],
+    batches_done_in_epoch: int, epoch_offset: int = 0, config: dict[str, Any], best: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The table's entries other than ``model`` and ``optimizer`` (a sharded checkpoint's ``trainer_state.pt``)."""
     return {
@@ -143,6 +167,7 @@ def progress_state(
             "python": random.getstate(),
         },
         "config": config,
+        "best": best,
     }
 
 

@@ -157,6 +157,18 @@ class CheckpointConfig:
     """auto: continue from the newest readable checkpoint in ``dir`` if any; never: start a new run; or a path to
     start from. A new run first moves an earlier run's outputs to ``output_dir/previous_runs/``."""
 
+    best_metric: str = ""
+    """Keep the model of the best validation so far in ``output_dir/best/`` (a ``from_pretrained`` folder with
+    ``best.json`` naming the metric, its value and the update), by this value of the valid line: ``loss`` (and for
+    fine-tuning ``wer`` or ``cer``); "" = none. ``model/`` stays the final model. The best value so far is part of
+    every training checkpoint, so a resumed run compares with it. Pretraining's default: "" (a copy of the model
+    at each improvement costs time and disk); fine-tuning's: ``wer``, as fairseq's XLS-R ``finetune.yaml``.
+    fairseq ``checkpoint.best_checkpoint_metric`` (it writes ``checkpoint_best.pt``)."""
+
+    maximize_best_metric: bool = False
+    """Higher is better for ``best_metric`` (false for loss, WER, CER). fairseq
+    ``checkpoint.maximize_best_checkpoint_metric``."""
+
 
 @dataclass
 class PretrainConfig:
@@ -209,6 +221,10 @@ class PretrainConfig:
     validate_interval_updates: int = 0
     """Validate every this many updates (then not at epoch ends); 0 = at the end of every epoch only.
     fairseq ``dataset.validate_interval_updates``."""
+
+    validate_after_updates: int = 0
+    """No validation before this update (neither at the interval nor at epoch ends).
+    fairseq ``dataset.validate_after_updates``."""
 
     max_valid_batches: int = 0
     """Validate on at most this many batches per rank; 0 = the whole valid set.

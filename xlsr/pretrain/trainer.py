@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -32,6 +33,7 @@ from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.nn.parallel import DistributedDataParallel
 
 from xlsr.config import Wav2Vec2Config
+from xlsr.files import write_text_atomic
 from xlsr.model import Wav2Vec2Model
 from xlsr.pretrain import checkpointing, run_lock
 from xlsr.pretrain.config import PretrainConfig
@@ -161,6 +163,7 @@ class Trainer:
         if cfg.precision not in _DTYPES:
             raise ValueError(f"precision must be one of {sorted(_DTYPES)}, got {cfg.precision!r}")
         self.autocast_dtype = _DTYPES[cfg.precision]
+        self._check_best_metric()
         self.rank, self.world_size, local_rank = self._init_distributed()
         self.is_main = self.rank == 0
         self.device = self._pick_device(local_rank)
@@ -194,6 +197,7 @@ class Trainer:
         self.metrics = MetricsLog(self.output_dir, enabled=self.is_main, tensorboard=cfg.tensorboard)
         self._saved_update = -1  # the update of the newest checkpoint on disk for this run
         self._logged_update = -1  # the update of the newest "train" line
+        self.best: dict[str, Any] | None = None  # checkpoint.best_metric: the best validation so far (best.json)
         self._resume_or_start_fresh()
         if self.is_main:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -214,6 +218,8 @@ class Trainer:
         self._epoch_data_batches = 0  # batches with data this rank ran in this pass over the epoch
 
     # ------------------------------------------------------------------ the task (overridden by fine-tuning)
+    BEST_METRICS: tuple[str, ...] = ("loss",)  # values of the valid line that checkpoint.best_metric may name
+
     def build_model(self) -> torch.nn.Module:
         return build_model(self.cfg)
 
@@ -357,6 +363,12 @@ class Trainer:
             raise ValueError("optim.step_in_backward=true cannot be combined with " + "; ".join(conflicts))
         return attach_step_in_backward(self.optimizer, self.model.parameters(), self.device)
 
+    def _check_best_metric(self) -> None:
+        metric = self.cfg.checkpoint.best_metric
+        if metric and metric not in self.BEST_METRICS:
+            raise ValueError(f"checkpoint.best_metric={metric!r}: must be one of {', '.join(self.BEST_METRICS)} "
+                             "(a value of the valid line), or empty for none")
+
     def _barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier()
@@ -371,7 +383,7 @@ class Trainer:
         return checkpointing.progress_state(
             self.model.cfg.to_dict(), self.scaler, num_updates=self.num_updates, epoch=self.epoch,
             batches_done_in_epoch=self.batches_done_in_epoch, epoch_offset=self.epoch_offset,
-            config=OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True),
+            config=OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True), best=self.best,
         )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -385,6 +397,8 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
         self.num_updates, self.epoch, batches_done = checkpointing.restore_progress(state, self.scaler)
         self.batches_done_in_epoch, self.epoch_offset = self._epoch_position(batches_done, state)
+        best = state.get("best")
+        self.best = best if best is not None and best["metric"] == self.cfg.checkpoint.best_metric else None
 
     def _epoch_position(self, batches_done: int, state: dict[str, Any]) -> tuple[int, int]:
         """(this rank's batches done after the offset, the epoch's offset) from a checkpoint written by
@@ -429,15 +443,39 @@ class Trainer:
 
     def save_final_model(self) -> None:
         """``output_dir/model``: a ``save_pretrained`` folder (FSDP: gathered on rank 0, a tensor at a time)."""
-        out = self.output_dir / "model"
-        if not self.sharded:
-            if self.is_main:
-                self.model.save_pretrained(out)
-            return
-        full_state = gather_full_state_dict(self.model)
+        self._save_model_folder(self.output_dir / "model")
+
+    def _save_model_folder(self, out: Path, record: dict[str, Any] | None = None) -> None:
+        """The model as a ``save_pretrained`` folder at ``out``, written as ``out.tmp`` and renamed (rank 0 writes;
+        FSDP: every rank takes part in gathering the full state dict). ``record``: also ``best.json`` inside."""
+        full_state = gather_full_state_dict(self.model) if self.sharded else None
         if self.is_main:
-            unsharded_copy(self._recipe, full_state).save_pretrained(out)
+            tmp = out.with_name(out.name + ".tmp")
+            checkpointing.remove_path(tmp)
+            model = unsharded_copy(self._recipe, full_state) if self.sharded else self.model
+            model.save_pretrained(tmp)
+            if record is not None:
+                write_text_atomic(tmp / checkpointing.BEST_RECORD, json.dumps(record, indent=1) + "\n")
+            checkpointing.replace_directory(tmp, out)
         self._barrier()
+
+    def _keep_if_best(self, record: dict[str, Any]) -> None:
+        """``checkpoint.best_metric``: if this validation beats the best so far, its model goes to ``best/``."""
+        metric = self.cfg.checkpoint.best_metric
+        if not metric or metric not in record:
+            return
+        better = checkpointing.is_better(float(record[metric]), self.best, self.cfg.checkpoint.maximize_best_metric)
+        if self.world_size > 1:  # one decision for all ranks (FSDP gathers the weights collectively)
+            decision = torch.tensor([float(better)], device=self.device)
+            dist.broadcast(decision, src=0)
+            better = bool(decision.item())
+        if not better:
+            return
+        self.best = {"metric": metric, "value": float(record[metric]), "update": self.num_updates}
+        self._save_model_folder(self.output_dir / checkpointing.BEST_DIR, self.best)
+        if self.is_main:
+            logger.info("best %s so far: %g at update %d -> %s", metric, self.best["value"], self.num_updates,
+                        self.output_dir / checkpointing.BEST_DIR)
 
     def _resume_or_start_fresh(self) -> None:
         """``checkpoint.resume``: auto = continue this output_dir's run from its newest readable checkpoint;
@@ -453,6 +491,8 @@ class Trainer:
         if state is not None:
             self.load_state_dict(state)
             del state
+        if choice != "auto":  # a new run (earlier outputs archived): its own best/
+            self.best = None
         self._barrier()  # every rank has read the checkpoint before rank 0 moves files
         if self.is_main:
             for bad in unreadable:  # kept for inspection, never picked again
@@ -517,7 +557,7 @@ class Trainer:
                 if self.num_updates % cfg.log_interval == 0 or self.num_updates == 1:
                     self._log_train(record)
                 if cfg.validate_interval_updates and self.num_updates % cfg.validate_interval_updates == 0:
-                    self.validate()
+                    self._scheduled_validation()
                 if self.num_updates % cfg.checkpoint.save_interval_updates == 0:
                     self.save_checkpoint()
                 if self._stop_reason(start_time) is not None:
@@ -578,7 +618,7 @@ class Trainer:
         if not complete:
             return
         if self.valid_loader is not None and not self.cfg.validate_interval_updates:
-            self.validate()
+            self._scheduled_validation()
         self.epoch += 1
         self.batches_done_in_epoch = 0
         self.epoch_offset = 0
@@ -682,6 +722,13 @@ class Trainer:
         """Seconds of audio in a batch (B, S), padding not counted."""
         samples = source.numel() - (int(padding_mask.sum()) if padding_mask is not None else 0)
         return samples / self.model_cfg.sample_rate
+
+    def _scheduled_validation(self) -> None:
+        """A validation the schedule asks for (interval or epoch end): none before ``validate_after_updates``;
+        its model kept in ``best/`` when it is the best so far."""
+        if self.num_updates < self.cfg.validate_after_updates:
+            return
+        self._keep_if_best(self.validate())
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
