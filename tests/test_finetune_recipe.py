@@ -18,7 +18,7 @@ from test_pretrain import few  # noqa: F401 (fixture)
 from xlsr.finetune.config import compose_config
 from xlsr.checkpoints import safe_torch_load
 from xlsr.finetune.labels import Dictionary
-from xlsr.pretrain.sharded_checkpoints import read_sharded_model
+from xlsr.checkpoints.sharded import read_sharded_model
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -119,7 +119,7 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000, resample: bool
 def _resample(wav: np.ndarray, from_rate: int, to_rate: int, path: str) -> np.ndarray:
     global _warned_resample
     try:
-        import soxr
+        import soxr  # optional dependency (xlsr[resample])
     except ImportError as err:
         raise ImportError(
             f"{path} is at {from_rate} Hz and resampling to {to_rate} Hz needs the 'soxr' "

@@ -1,4 +1,4 @@
-"""Typed architecture config for wav2vec 2.0 / XLS-R, with presets.
+"""Typed architecture configs: wav2vec 2.0 / XLS-R (with presets) and its CTC head (:class:`CTCConfig`).
 
 Field names follow fairseq's ``Wav2Vec2Config`` so that a released checkpoint's cfg maps one to one;
 defaults are fairseq's defaults (what a cfg that lacks a field meant when it was written).
@@ -13,6 +13,8 @@ import logging
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
+
+from xlsr.vocabulary import WORD_BOUNDARY
 
 logger = logging.getLogger(__name__)
 
@@ -368,3 +370,118 @@ PRESETS: dict[str, Wav2Vec2Config] = {
         final_dim=1024,
     ),
 }
+
+
+# ---------------------------------------------------------------------------------------------- CTC head
+# fairseq's Wav2VecEncoder overrides these encoder settings of the pretrained model with the fine-tuning config's
+# (``arg_overrides``; fairseq name -> ours). Their defaults in fairseq's Wav2Vec2AsrConfig:
+FINETUNING_OVERRIDES: dict[str, tuple[str, Any]] = {
+    "dropout": ("dropout", 0.0),
+    "activation_dropout": ("activation_dropout", 0.0),
+    "dropout_input": ("dropout_input", 0.0),
+    "attention_dropout": ("attention_dropout", 0.0),
+    "mask_length": ("mask_length", 10),
+    "mask_prob": ("mask_prob", 0.5),
+    "require_same_masks": ("require_same_masks", True),
+    "no_mask_overlap": ("no_mask_overlap", False),
+    "mask_channel_length": ("mask_channel_length", 10),
+    "mask_channel_prob": ("mask_channel_prob", 0.0),
+    "mask_channel_before": ("mask_channel_before", False),
+    "no_mask_channel_overlap": ("no_mask_channel_overlap", False),
+    "layerdrop": ("encoder_layerdrop", 0.0),
+    "feature_grad_mult": ("feature_grad_mult", 0.0),
+}
+TEXT_STYLES = ("fairseq", "huggingface")  # CTCConfig.text_style: see there
+
+
+def finetuning_encoder_config(pretrained: Wav2Vec2Config, **settings: Any) -> Wav2Vec2Config:
+    """The encoder config fine-tuning uses: ``pretrained`` with fairseq's fine-tuning defaults for the settings its
+    Wav2VecEncoder overrides (no dropout, LayerDrop 0, frozen conv stack, mask_prob 0.5 x 10, no channel masks),
+    then ``settings`` (any Wav2Vec2Config field, our names)."""
+    values = {ours: default for ours, default in FINETUNING_OVERRIDES.values()}
+    values.update(settings)
+    return dataclasses.replace(pretrained, **values)
+
+
+@dataclass
+class CTCConfig:
+    """Everything that defines a Wav2Vec2ForCTC besides its vocabulary (fairseq: ``cfg.model`` of a ``wav2vec_ctc``
+    checkpoint, its ``w2v_args`` and the CTC criterion's settings; Hugging Face: ``Wav2Vec2ForCTC``'s config)."""
+
+    encoder: Wav2Vec2Config = field(default_factory=Wav2Vec2Config)
+    """The encoder, with the fine-tuning values of its dropout, LayerDrop, masking and ``feature_grad_mult``
+    (fairseq: ``w2v_args.model`` after the Wav2VecEncoder overrides; HF: ``hidden_dropout``, ``mask_time_prob``...)."""
+
+    vocab_size: int = 32
+    """Number of output classes V (fairseq: ``len(target_dictionary)``; HF ``vocab_size``)."""
+
+    blank_index: int = 0
+    """Output index of the CTC blank (fairseq: ``<s>`` = 0; HF: ``pad_token_id``)."""
+
+    final_dropout: float = 0.0
+    """Dropout on the encoder output before ``lm_head`` (fairseq and HF ``final_dropout``)."""
+
+    apply_mask: bool = False
+    """Apply the encoder's time / channel masks in training (fairseq ``apply_mask``; HF ``apply_spec_augment``)."""
+
+    freeze_finetune_updates: int = 0
+    """For this many updates only the head trains: the encoder runs under no_grad (fairseq
+    ``freeze_finetune_updates``; advance with ``set_num_updates``)."""
+
+    zero_infinity: bool = False
+    """Zero infinite CTC losses (targets longer than the input) and their gradients (fairseq criterion
+    ``zero_infinity``; HF ``ctc_zero_infinity``)."""
+
+    ctc_loss_reduction: str = "sum"
+    """"sum": summed over the batch (fairseq's criterion); "mean": HF's ``ctc_loss_reduction="mean"`` (each
+    utterance's loss divided by its target length, then averaged)."""
+
+    blank_weight: float = 0.0
+    """Added to (``blank_mode="add"``) or written into (``"set"``) the blank logit before normalisation (fairseq
+    ``blank_weight``; 0 = off)."""
+
+    blank_mode: str = "add"
+    """How ``blank_weight`` applies: "add" or "set" (fairseq ``blank_mode``)."""
+
+    text_style: str = "fairseq"
+    """How ``decode`` turns the best path (repeats collapsed, blanks removed) into text. "fairseq": its
+    ``Dictionary.string`` + "letter" post-processing (``<s>`` and ``</s>`` dropped, ``word_delimiter`` -> space).
+    "huggingface": ``Wav2Vec2CTCTokenizer.decode`` as transformers' ASR pipeline calls it for CTC models
+    (``skip_special_tokens=False``): only the blank (its ``pad_token``) is dropped, every other symbol, ``<s>``,
+    ``</s>`` and ``<unk>`` included, is text, ``word_delimiter`` -> space. Hugging Face folders are read with
+    "huggingface", so that our transcripts of them are the pipeline's."""
+
+    word_delimiter: str = WORD_BOUNDARY
+    """The symbol written as a space between words (fairseq: ``|``; HF: the tokenizer's ``word_delimiter_token``)."""
+
+    unk_symbol: str = "<unk>"
+    """The symbol that stands for letters outside the vocabulary (fairseq: ``<unk>``; HF: the tokenizer's
+    ``unk_token``, e.g. ``[UNK]``). ``Wav2Vec2ForCTC.unk_symbol`` is None when the vocabulary lacks it."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.encoder, dict):
+            self.encoder = Wav2Vec2Config.from_dict(self.encoder)
+        if self.vocab_size < 1:
+            raise ValueError(f"vocab_size must be positive, got {self.vocab_size}")
+        if not 0 <= self.blank_index < self.vocab_size:
+            raise ValueError(f"blank_index {self.blank_index} is outside the vocabulary of {self.vocab_size}")
+        if self.ctc_loss_reduction not in ("sum", "mean"):
+            raise ValueError(f"ctc_loss_reduction must be 'sum' or 'mean', got {self.ctc_loss_reduction!r}")
+        if self.blank_mode not in ("add", "set"):
+            raise ValueError(f"blank_mode must be 'add' or 'set', got {self.blank_mode!r}")
+        if self.text_style not in TEXT_STYLES:
+            raise ValueError(f"text_style must be one of {TEXT_STYLES}, got {self.text_style!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["encoder"] = self.encoder.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "CTCConfig":
+        """From plain data (our ``config.json``); unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown CTCConfig fields: {unknown}")
+        return cls(**values)

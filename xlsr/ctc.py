@@ -15,10 +15,8 @@ The encoder's pretraining head (quantizer, project_q, final_proj) is removed, as
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,127 +24,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xlsr.config import Wav2Vec2Config
+from xlsr.checkpoints.ctc import load_ctc, save_ctc_native
+from xlsr.config import (  # re-exported: the CTC model's config, once defined here
+    FINETUNING_OVERRIDES,
+    TEXT_STYLES,
+    CTCConfig,
+    Wav2Vec2Config,
+    finetuning_encoder_config,
+)
 from xlsr.model import Wav2Vec2Model
-from xlsr.text import normalize_unicode
-
-logger = logging.getLogger(__name__)
-
-# fairseq's Wav2VecEncoder overrides these encoder settings of the pretrained model with the fine-tuning config's
-# (``arg_overrides``; fairseq name -> ours). Their defaults in fairseq's Wav2Vec2AsrConfig:
-FINETUNING_OVERRIDES: dict[str, tuple[str, Any]] = {
-    "dropout": ("dropout", 0.0),
-    "activation_dropout": ("activation_dropout", 0.0),
-    "dropout_input": ("dropout_input", 0.0),
-    "attention_dropout": ("attention_dropout", 0.0),
-    "mask_length": ("mask_length", 10),
-    "mask_prob": ("mask_prob", 0.5),
-    "require_same_masks": ("require_same_masks", True),
-    "no_mask_overlap": ("no_mask_overlap", False),
-    "mask_channel_length": ("mask_channel_length", 10),
-    "mask_channel_prob": ("mask_channel_prob", 0.0),
-    "mask_channel_before": ("mask_channel_before", False),
-    "no_mask_channel_overlap": ("no_mask_channel_overlap", False),
-    "layerdrop": ("encoder_layerdrop", 0.0),
-    "feature_grad_mult": ("feature_grad_mult", 0.0),
-}
-# symbols fairseq's ``Dictionary.string`` leaves out of the text (its bos and eos); the blank is removed before
-WORD_BOUNDARY = "|"
-DROPPED_SYMBOLS = ("<s>", "</s>")
-TEXT_STYLES = ("fairseq", "huggingface")  # CTCConfig.text_style: see there
-
-
-def finetuning_encoder_config(pretrained: Wav2Vec2Config, **settings: Any) -> Wav2Vec2Config:
-    """The encoder config fine-tuning uses: ``pretrained`` with fairseq's fine-tuning defaults for the settings its
-    Wav2VecEncoder overrides (no dropout, LayerDrop 0, frozen conv stack, mask_prob 0.5 x 10, no channel masks),
-    then ``settings`` (any Wav2Vec2Config field, our names)."""
-    values = {ours: default for ours, default in FINETUNING_OVERRIDES.values()}
-    values.update(settings)
-    return dataclasses.replace(pretrained, **values)
-
-
-@dataclass
-class CTCConfig:
-    """Everything that defines a Wav2Vec2ForCTC besides its vocabulary (fairseq: ``cfg.model`` of a ``wav2vec_ctc``
-    checkpoint, its ``w2v_args`` and the CTC criterion's settings; Hugging Face: ``Wav2Vec2ForCTC``'s config)."""
-
-    encoder: Wav2Vec2Config = field(default_factory=Wav2Vec2Config)
-    """The encoder, with the fine-tuning values of its dropout, LayerDrop, masking and ``feature_grad_mult``
-    (fairseq: ``w2v_args.model`` after the Wav2VecEncoder overrides; HF: ``hidden_dropout``, ``mask_time_prob``...)."""
-
-    vocab_size: int = 32
-    """Number of output classes V (fairseq: ``len(target_dictionary)``; HF ``vocab_size``)."""
-
-    blank_index: int = 0
-    """Output index of the CTC blank (fairseq: ``<s>`` = 0; HF: ``pad_token_id``)."""
-
-    final_dropout: float = 0.0
-    """Dropout on the encoder output before ``lm_head`` (fairseq and HF ``final_dropout``)."""
-
-    apply_mask: bool = False
-    """Apply the encoder's time / channel masks in training (fairseq ``apply_mask``; HF ``apply_spec_augment``)."""
-
-    freeze_finetune_updates: int = 0
-    """For this many updates only the head trains: the encoder runs under no_grad (fairseq
-    ``freeze_finetune_updates``; advance with ``set_num_updates``)."""
-
-    zero_infinity: bool = False
-    """Zero infinite CTC losses (targets longer than the input) and their gradients (fairseq criterion
-    ``zero_infinity``; HF ``ctc_zero_infinity``)."""
-
-    ctc_loss_reduction: str = "sum"
-    """"sum": summed over the batch (fairseq's criterion); "mean": HF's ``ctc_loss_reduction="mean"`` (each
-    utterance's loss divided by its target length, then averaged)."""
-
-    blank_weight: float = 0.0
-    """Added to (``blank_mode="add"``) or written into (``"set"``) the blank logit before normalisation (fairseq
-    ``blank_weight``; 0 = off)."""
-
-    blank_mode: str = "add"
-    """How ``blank_weight`` applies: "add" or "set" (fairseq ``blank_mode``)."""
-
-    text_style: str = "fairseq"
-    """How ``decode`` turns the best path (repeats collapsed, blanks removed) into text. "fairseq": its
-    ``Dictionary.string`` + "letter" post-processing (``<s>`` and ``</s>`` dropped, ``word_delimiter`` -> space).
-    "huggingface": ``Wav2Vec2CTCTokenizer.decode`` as transformers' ASR pipeline calls it for CTC models
-    (``skip_special_tokens=False``): only the blank (its ``pad_token``) is dropped, every other symbol, ``<s>``,
-    ``</s>`` and ``<unk>`` included, is text, ``word_delimiter`` -> space. Hugging Face folders are read with
-    "huggingface", so that our transcripts of them are the pipeline's."""
-
-    word_delimiter: str = WORD_BOUNDARY
-    """The symbol written as a space between words (fairseq: ``|``; HF: the tokenizer's ``word_delimiter_token``)."""
-
-    unk_symbol: str = "<unk>"
-    """The symbol that stands for letters outside the vocabulary (fairseq: ``<unk>``; HF: the tokenizer's
-    ``unk_token``, e.g. ``[UNK]``). ``Wav2Vec2ForCTC.unk_symbol`` is None when the vocabulary lacks it."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.encoder, dict):
-            self.encoder = Wav2Vec2Config.from_dict(self.encoder)
-        if self.vocab_size < 1:
-            raise ValueError(f"vocab_size must be positive, got {self.vocab_size}")
-        if not 0 <= self.blank_index < self.vocab_size:
-            raise ValueError(f"blank_index {self.blank_index} is outside the vocabulary of {self.vocab_size}")
-        if self.ctc_loss_reduction not in ("sum", "mean"):
-            raise ValueError(f"ctc_loss_reduction must be 'sum' or 'mean', got {self.ctc_loss_reduction!r}")
-        if self.blank_mode not in ("add", "set"):
-            raise ValueError(f"blank_mode must be 'add' or 'set', got {self.blank_mode!r}")
-        if self.text_style not in TEXT_STYLES:
-            raise ValueError(f"text_style must be one of {TEXT_STYLES}, got {self.text_style!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["encoder"] = self.encoder.to_dict()
-        return out
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "CTCConfig":
-        """From plain data (our ``config.json``); unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown CTCConfig fields: {unknown}")
-        return cls(**values)
+from xlsr.vocabulary import (  # re-exported: decoding helpers once defined here
+    DROPPED_SYMBOLS,
+    WORD_BOUNDARY,
+    letters_to_text,
+    nfc_vocab,
+    tokens_to_text,
+    vocab_from_mapping,
+)
+__all__ = [
+    "Wav2Vec2ForCTC",
+    "CTCOutput",
+    "CTCConfig",
+    "ctc_greedy_units",
+    # re-exported from xlsr.config and xlsr.vocabulary
+    "FINETUNING_OVERRIDES",
+    "TEXT_STYLES",
+    "Wav2Vec2Config",
+    "finetuning_encoder_config",
+    "DROPPED_SYMBOLS",
+    "WORD_BOUNDARY",
+    "letters_to_text",
+    "nfc_vocab",
+    "tokens_to_text",
+    "vocab_from_mapping",
+]
 
 
 @dataclass
@@ -297,14 +208,10 @@ class Wav2Vec2ForCTC(nn.Module):
         ``apply_mask``, ``blank_index``, ...) or encoder fields (``mask_prob``, ``encoder_layerdrop``, ...)
         that replace the loaded values.
         """
-        from xlsr.checkpoints.ctc import load_ctc
-
         return load_ctc(cls, path, vocab, strict=strict, map_location=map_location, settings=settings)
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write ``config.json`` + ``model.safetensors`` + ``vocab.json`` (symbol -> output index) into ``out_dir``."""
-        from xlsr.checkpoints.ctc import save_ctc_native
-
         return save_ctc_native(self, out_dir)
 
 
@@ -320,46 +227,3 @@ def ctc_greedy_units(emissions: torch.Tensor, lengths: torch.Tensor | None, blan
         units = torch.unique_consecutive(row[: int(length)])
         result.append([u for u in units.tolist() if u != blank])
     return result
-
-
-def letters_to_text(symbols: Sequence[str], word_delimiter: str = WORD_BOUNDARY) -> str:
-    """Letter units -> text, exactly fairseq's ``Dictionary.string`` then ``post_process(..., "letter")``:
-    ``<s>`` and ``</s>`` dropped, symbols joined with spaces, all spaces removed, ``|`` -> space, stripped; then
-    Unicode NFC (a letter and a combining mark emitted as two units become one character, as in the labels)."""
-    pieces = " ".join(s for s in symbols if s not in DROPPED_SYMBOLS)
-    return normalize_unicode(pieces.replace(" ", "").replace(word_delimiter, " ").strip())
-
-
-def nfc_vocab(vocab: Sequence[str]) -> list[str]:
-    """``vocab`` with every symbol in Unicode NFC (:func:`xlsr.text.normalize_unicode`), so that labels, which are
-    NFC, find their letters; unchanged (with a warning) when two symbols would become one (e.g. ``;`` and the
-    Greek question mark U+037E), since the head has an output for each."""
-    normalized = [normalize_unicode(symbol) for symbol in vocab]
-    if len(set(normalized)) < len(normalized):
-        seen: dict[str, str] = {}
-        merged = sorted({f"{seen[n]!r} / {s!r}" for s, n in zip(vocab, normalized) if seen.setdefault(n, s) != s})
-        logger.warning("the vocabulary is not put in Unicode NFC: symbols %s are one symbol in NFC", ", ".join(merged))
-        return list(vocab)
-    return normalized
-
-
-def tokens_to_text(symbols: Sequence[str], word_delimiter: str = WORD_BOUNDARY) -> str:
-    """Units (repeats collapsed, blanks removed) -> text, exactly transformers' ``Wav2Vec2CTCTokenizer.decode``
-    as its ASR pipeline calls it (``skip_special_tokens=False``, no lower-casing, no clean-up of spaces): the word
-    delimiter -> space, every other symbol as it is, joined, stripped; then Unicode NFC, as :func:`letters_to_text`."""
-    return normalize_unicode("".join(" " if s == word_delimiter else s for s in symbols).strip())
-
-
-def vocab_from_mapping(mapping: dict[str, Any]) -> list[str]:
-    """A ``vocab.json`` mapping {symbol: index} -> symbols in index order (indices must be 0..V-1, distinct)."""
-    by_index: dict[int, str] = {}
-    for symbol, index in mapping.items():
-        if not isinstance(index, int) or isinstance(index, bool):
-            raise ValueError(f"index of {symbol!r} is {index!r}, not an integer")
-        if index in by_index:
-            raise ValueError(f"symbols {by_index[index]!r} and {symbol!r} share index {index}")
-        by_index[index] = symbol
-    if sorted(by_index) != list(range(len(by_index))):
-        missing = sorted(set(range(max(by_index, default=-1) + 1)) - set(by_index))
-        raise ValueError(f"indices must be 0..{len(by_index) - 1} without gaps (missing {missing[:10]})")
-    return [by_index[i] for i in range(len(by_index))]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from xlsr.ctc import WORD_BOUNDARY
+from xlsr.vocabulary import WORD_BOUNDARY
 from xlsr.text import normalize_unicode
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ def _language_model_class() -> type:
     the last frames, as fairseq models emit) and scoring the merged beam's pending word; when that is the
     variant's empty word, the hypothesis got the unknown-word penalty (``unk_score_offset``, -10 before
     ``alpha``) and could lose to worse ones (tests/test_lm_decode.py: "THE CAR" -> "CAR")."""
-    from pyctcdecode.constants import LOG_BASE_CHANGE_FACTOR
+    from pyctcdecode.constants import LOG_BASE_CHANGE_FACTOR  # optional dependency (xlsr[lm]), as below
     from pyctcdecode.language_model import LanguageModel
 
     class EmptyWordSafeLanguageModel(LanguageModel):

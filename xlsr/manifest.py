@@ -33,6 +33,7 @@ from tqdm import tqdm
 from xlsr.audio import AudioError, audio_info
 from xlsr.files import write_text_atomic
 from xlsr.text import normalize_unicode, read_text_lines
+from xlsr.vocabulary import WORD_BOUNDARY, Dictionary, normalize_transcript, words_to_letters
 
 __all__ = [
     "ManifestError",
@@ -145,8 +146,6 @@ def read_transcript_table(path: str | os.PathLike, *, keep_case: bool = False) -
         ManifestError: a line without a tab, an empty path or transcript, a transcript holding ``|``, a path given
             twice (file and line named), text that is not UTF-8.
     """
-    from xlsr.finetune.labels import WORD_BOUNDARY, normalize_transcript
-
     path = os.fspath(path)
     table: dict[str, str] = {}
     first_line: dict[str, int] = {}
@@ -326,8 +325,6 @@ def _write_transcripts(
     summary: ManifestSummary,
 ) -> None:
     """``{train,valid}.{wrd,ltr}`` in row order and ``dict.ltr.txt`` of the train letters."""
-    from xlsr.finetune.labels import Dictionary, words_to_letters
-
     letters: dict[str, list[str]] = {}
     for split, rows in (("train", train_rows), ("valid", valid_rows)):
         words = [transcripts[_path_key(rel_path)] for rel_path, _ in rows]

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from xlsr.checkpoints import load_pretrained
+from xlsr.checkpoints.native import save_native
 from xlsr.config import Wav2Vec2Config
 from xlsr.kernels.contrastive import indexed_contrastive_logits
 from xlsr.modules.feature_encoder import FeatureEncoder, FeatureProjection, GradMultiply, receptive_field
@@ -310,14 +312,10 @@ class Wav2Vec2Model(nn.Module):
         """Load a fairseq ``.pt``, a Hugging Face directory, or our own directory (format detected); or a Hugging
         Face Hub id (``"facebook/wav2vec2-xls-r-300m"``: a string that is no existing path), through
         ``huggingface_hub``'s cache (downloaded where the network allows)."""
-        from xlsr.checkpoints import load_pretrained
-
         return load_pretrained(cls, path, strict=strict, map_location=map_location)
 
     def save_pretrained(self, out_dir: str | Path) -> Path:
         """Write ``config.json`` + ``model.safetensors`` into ``out_dir``."""
-        from xlsr.checkpoints.native import save_native
-
         return save_native(self, out_dir)
 
 

@@ -39,15 +39,21 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable, Iterator, Sequence, TextIO
+from typing import Iterable, Iterator, Sequence, TextIO
 
 import torch
+from tqdm import tqdm
 
 from xlsr.audio import AudioError, audio_info, load_audio, normalize_waveform
+from xlsr.ctc import Wav2Vec2ForCTC
+from xlsr.files import write_text_atomic
+from xlsr.finetune.labels import label_path, read_labels
+from xlsr.finetune.wer import error_counts
+from xlsr.lm_decode import LMDecoder
+from xlsr.manifest import read_manifest
 from xlsr.modules.feature_encoder import receptive_field
-
-if TYPE_CHECKING:
-    from xlsr.lm_decode import LMDecoder
+from xlsr.text import read_text_file
+from xlsr.vocabulary import letters_to_words
 
 logger = logging.getLogger("xlsr.transcribe")
 
@@ -120,8 +126,6 @@ def iter_transcripts(model, paths: Sequence[str], *, batch_seconds: float = 60.0
         lengths[index] = int(round(frames * rate / file_rate))
     bar = None
     if progress:
-        from tqdm import tqdm
-
         bar = tqdm(total=len(paths), unit="file", desc="transcribe")
     if unreadable:
         if bar is not None:
@@ -180,8 +184,6 @@ class _InputError(Exception):
 
 
 def _manifest_paths(manifest: str) -> list[str]:
-    from xlsr.manifest import read_manifest
-
     root, entries = read_manifest(manifest)
     return [os.path.join(root, rel) for rel, _ in entries]
 
@@ -189,8 +191,6 @@ def _manifest_paths(manifest: str) -> list[str]:
 def _references(manifest: str, labels: str, num_rows: int) -> list[str | None]:
     """The reference words of each manifest row (None for an empty transcript), as fine-tuning's validation
     makes them: the label file's letters -> words."""
-    from xlsr.finetune.labels import letters_to_words, read_labels
-
     with warnings.catch_warnings(record=True) as caught:  # (empty transcripts: counted in the score line)
         warnings.simplefilter("always")
         rows = read_labels(manifest, labels, num_rows, skip_empty=True)
@@ -202,8 +202,6 @@ def _references(manifest: str, labels: str, num_rows: int) -> list[str | None]:
 def _previous_transcripts(path: str) -> dict[str, dict]:
     """The transcribed lines of an earlier run's output ``path``, by audio path (error lines left out, to be
     tried again). A last line torn by a kill is dropped with a warning; any other bad line is an _InputError."""
-    from xlsr.text import read_text_file
-
     try:
         text = read_text_file(path)
     except UnicodeDecodeError as err:
@@ -230,8 +228,6 @@ def _previous_transcripts(path: str) -> dict[str, dict]:
 
 
 def _score_line(pairs: list[tuple[str, str]], failed: int, unreferenced: int, labels_path: str) -> str:
-    from xlsr.finetune.wer import error_counts
-
     refs, hyps = [r for r, _ in pairs], [h for _, h in pairs]
     word_edits, words = error_counts(refs, hyps, unit="word")
     char_edits, chars = error_counts(refs, hyps, unit="char")
@@ -288,8 +284,6 @@ def main(argv: Iterable[str] | None = None) -> int:
         print(f"error: no such LM file: {args.lm}", file=sys.stderr)
         return 2
 
-    from xlsr.ctc import Wav2Vec2ForCTC
-
     try:
         model = Wav2Vec2ForCTC.from_pretrained(args.model)
     except (OSError, ValueError) as err:  # no such checkpoint, not a CTC model: errors that name it
@@ -297,8 +291,6 @@ def main(argv: Iterable[str] | None = None) -> int:
         return 2
     decoder = None
     if args.lm is not None:
-        from xlsr.lm_decode import LMDecoder
-
         logging.getLogger("pyctcdecode").setLevel(logging.WARNING)  # not its alphabet / ARPA-is-slow notes
         try:
             decoder = LMDecoder(model.vocab, args.lm, blank_index=model.blank_index, alpha=args.lm_alpha,
@@ -319,8 +311,6 @@ def main(argv: Iterable[str] | None = None) -> int:
             todo.append(index)
     stream: TextIO
     if args.output:
-        from xlsr.files import write_text_atomic
-
         if args.resume:  # the kept lines only (no error lines, no torn line), then this run's appended
             kept = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in done.values())
             write_text_atomic(args.output, kept)
@@ -358,8 +348,6 @@ def main(argv: Iterable[str] | None = None) -> int:
     if failed:
         logger.error("%d of %d files could not be transcribed (their error lines name them)", failed, len(todo))
     if references is not None:
-        from xlsr.finetune.labels import label_path
-
         pairs = [(references[i], texts[i]) for i in sorted(texts) if references[i] is not None]
         unreferenced = sum(1 for i in texts if references[i] is None)
         summary = _score_line(pairs, failed, unreferenced, label_path(args.manifest, args.labels))

@@ -20,7 +20,11 @@ from xlsr.checkpoints.errors import CheckpointError
 from xlsr.checkpoints.files import read_json_object
 from xlsr.checkpoints.hub import resolve_checkpoint_path
 from xlsr.checkpoints.safe_loading import safe_torch_load
-from xlsr.checkpoints.training import is_sharded_training_checkpoint
+from xlsr.checkpoints.fairseq import read_fairseq_checkpoint
+from xlsr.checkpoints.huggingface import read_huggingface
+from xlsr.checkpoints.native import read_native
+from xlsr.checkpoints.sharded import read_sharded_training_checkpoint
+from xlsr.checkpoints.training import is_sharded_training_checkpoint, is_training_checkpoint, read_training_checkpoint
 from xlsr.config import Wav2Vec2Config
 
 __all__ = ["CheckpointError", "safe_torch_load", "detect_format", "read_checkpoint", "load_pretrained",
@@ -57,22 +61,11 @@ def read_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[Wav2Ve
     path = resolve_checkpoint_path(path)
     fmt = detect_format(path)
     if fmt == "native":
-        from xlsr.checkpoints.native import read_native
-
         return read_native(path)
     if fmt == "native_ctc":
         raise CheckpointError(f"{path}: a fine-tuned CTC model: load it with xlsr.Wav2Vec2ForCTC.from_pretrained")
     if fmt == "huggingface":
-        from xlsr.checkpoints.huggingface import read_huggingface
-
         return read_huggingface(path)
-    from xlsr.checkpoints.fairseq import read_fairseq_checkpoint
-    from xlsr.checkpoints.training import (
-        is_training_checkpoint,
-        read_sharded_training_checkpoint,
-        read_training_checkpoint,
-    )
-
     if fmt == "sharded-training":
         return read_sharded_training_checkpoint(path)
 

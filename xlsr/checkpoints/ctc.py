@@ -39,7 +39,7 @@ from torch import nn
 from xlsr.checkpoints import detect_format, load_state_dict_checked, read_checkpoint
 from xlsr.checkpoints.errors import CheckpointError
 from xlsr.checkpoints.fairseq import _as_dict, config_from_fairseq, state_dict_from_fairseq
-from xlsr.checkpoints.files import read_json_object
+from xlsr.checkpoints.files import read_json_object, read_safetensors
 from xlsr.checkpoints.hub import resolve_checkpoint_path
 from xlsr.checkpoints.huggingface import (
     CONFIG_NAME,
@@ -55,8 +55,8 @@ from xlsr.checkpoints.huggingface import (
 )
 from xlsr.checkpoints.native import read_native_config
 from xlsr.checkpoints.safe_loading import safe_torch_load
-from xlsr.config import Wav2Vec2Config
-from xlsr.text import read_text_lines
+from xlsr.config import CTCConfig, Wav2Vec2Config, finetuning_encoder_config
+from xlsr.vocabulary import SPECIAL_SYMBOLS, UNK_SYMBOLS, Dictionary, LabelError, vocab_from_mapping
 
 logger = logging.getLogger(__name__)
 
@@ -75,8 +75,8 @@ HEAD = "lm_head."
 _PRETRAINING_HEAD = ("quantizer.", "project_q.", "final_proj.")
 FAIRSEQ_ENCODER = "w2v_encoder.w2v_model."
 FAIRSEQ_HEAD = "w2v_encoder.proj."
-FAIRSEQ_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # fairseq Dictionary's first four symbols (bos, pad, eos, unk)
-FAIRSEQ_UNK = "<unk>"
+FAIRSEQ_SPECIALS = SPECIAL_SYMBOLS  # fairseq Dictionary's first four symbols (bos, pad, eos, unk)
+FAIRSEQ_UNK = UNK_SYMBOLS[0]
 
 
 # ---------------------------------------------------------------------------------------------- which kind
@@ -122,28 +122,12 @@ def is_ctc_checkpoint(path: str | Path) -> bool:
 
 # ---------------------------------------------------------------------------------------------- vocabularies
 def read_fairseq_dictionary(path: Path) -> list[str]:
-    """A fairseq ``Dictionary`` text file (``symbol count`` a line) -> symbols in index order, fairseq's four
-    specials (``<s>``, ``<pad>``, ``</s>``, ``<unk>``) first."""
-    symbols = list(FAIRSEQ_SPECIALS)
+    """A fairseq ``Dictionary`` text file (``dict.ltr.txt``) -> symbols in index order, fairseq's four specials
+    first (:meth:`xlsr.vocabulary.Dictionary.load`); CheckpointError naming the file and line if it is bad."""
     try:
-        lines = read_text_lines(path)  # no byte-order mark, symbols in NFC
-    except (OSError, UnicodeDecodeError) as err:
+        return Dictionary.load(path).symbols
+    except (OSError, LabelError) as err:
         raise CheckpointError(f"{path}: cannot read dictionary ({err})") from None
-    for number, line in enumerate(lines, 1):
-        line = line.rstrip()
-        if not line:
-            continue
-        parts = line.rsplit(" ", 1)
-        overwrite = len(parts) == 2 and parts[1] == "#fairseq:overwrite"
-        if overwrite:
-            parts = parts[0].rsplit(" ", 1)
-        if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise CheckpointError(f"{path}:{number}: expected '<symbol> <count>', got {line!r}")
-        symbol = parts[0]
-        if symbol in symbols and not overwrite:
-            raise CheckpointError(f"{path}:{number}: duplicate symbol {symbol!r}")
-        symbols.append(symbol)
-    return symbols
 
 
 def _pickled_symbols(dictionary: Any) -> list[str] | None:
@@ -157,8 +141,6 @@ def _pickled_symbols(dictionary: Any) -> list[str] | None:
 
 
 def _read_vocab_file(path: Path) -> list[str]:
-    from xlsr.ctc import vocab_from_mapping
-
     mapping = read_json_object(path)
     added = path.parent / ADDED_TOKENS_NAME
     if added.is_file():
@@ -176,8 +158,6 @@ Read = tuple[Any, dict[str, torch.Tensor], list[str], dict[str, Any]]  # (CTCCon
 
 def read_fairseq_ctc(checkpoint: Any, path: Path) -> Read:
     """An unpickled fairseq ``wav2vec_ctc`` checkpoint (read from ``path``) -> (CTCConfig, our state, vocab, info)."""
-    from xlsr.ctc import CTCConfig
-
     if not isinstance(checkpoint, dict) or "model" not in checkpoint:
         raise CheckpointError(f"{path}: not a fairseq checkpoint (no 'model' entry)")
     if checkpoint.get("cfg") is not None:
@@ -269,8 +249,6 @@ def read_fairseq_ctc(checkpoint: Any, path: Path) -> Read:
 
 def read_huggingface_ctc(path: Path) -> Read:
     """An HF ``Wav2Vec2ForCTC`` directory -> (CTCConfig, our state, vocab, info)."""
-    from xlsr.ctc import CTCConfig
-
     encoder_cfg, hf_config, normalize_from = read_huggingface_config(path)
     config_file = path / CONFIG_NAME
     hf_state, files = read_weights(path)
@@ -366,9 +344,6 @@ def read_tokenizer_settings(path: Path) -> dict[str, Any]:
 
 def read_native_ctc(path: Path) -> Read:
     """One of our CTC directories -> (CTCConfig, state, vocab, info)."""
-    from xlsr.checkpoints.files import read_safetensors
-    from xlsr.ctc import CTCConfig
-
     cfg = read_native_config(path / CONFIG_NAME, CTCConfig)
     vocab_file = path / VOCAB_NAME
     if not vocab_file.is_file():
@@ -407,8 +382,6 @@ def read_ctc(path: str | Path, map_location: str = "cpu") -> Read:
 
 # ---------------------------------------------------------------------------------------------- loading
 def _split_settings(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    from xlsr.ctc import CTCConfig
-
     ctc_fields = {f.name for f in dataclasses.fields(CTCConfig)} - {"encoder", "vocab_size"}
     encoder_fields = {f.name for f in dataclasses.fields(Wav2Vec2Config)}
     unknown = sorted(set(settings) - ctc_fields - encoder_fields)
@@ -421,8 +394,6 @@ def _split_settings(settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str,
 def load_ctc(cls: type, path: str | Path, vocab: Sequence[str] | None, *, strict: bool = True,
              map_location: str = "cpu", settings: dict[str, Any] | None = None) -> nn.Module:
     """``Wav2Vec2ForCTC.from_pretrained``: see there."""
-    from xlsr.ctc import CTCConfig, finetuning_encoder_config
-
     ctc_settings, encoder_settings = _split_settings(settings or {})
     path = resolve_checkpoint_path(path)  # once here: the readers below get the local folder, no second Hub look-up
     if is_ctc_checkpoint(path):

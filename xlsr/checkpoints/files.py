@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from xlsr.checkpoints.errors import CheckpointError
 from xlsr.files import read_json
@@ -24,8 +25,6 @@ def read_json_object(path: Path) -> dict[str, Any]:
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of the safetensors file ``path``."""
-    from safetensors.torch import load_file
-
     if not path.is_file():
         raise CheckpointError(f"{path}: missing weights file")
     try:

@@ -35,7 +35,7 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
         return Path(path)
     repo_id = str(path)
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # optional dependency: only Hub ids need it
     except ImportError:
         raise CheckpointError(
             f"{repo_id}: no such file or folder; as a Hugging Face Hub id it needs the huggingface_hub package "

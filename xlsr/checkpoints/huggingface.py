@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from xlsr.checkpoints.errors import CheckpointError
@@ -472,8 +473,6 @@ def read_huggingface(path: str | Path) -> tuple[Wav2Vec2Config, dict[str, torch.
 def save_huggingface(model: nn.Module, out_dir: str | Path) -> Path:
     """Write ``model`` (our Wav2Vec2Model) as an HF ``Wav2Vec2ForPreTraining`` directory:
     ``config.json``, ``model.safetensors`` and ``preprocessor_config.json``."""
-    from safetensors.torch import save_file
-
     cfg: Wav2Vec2Config = model.cfg
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ def is_training_checkpoint(checkpoint: Any) -> bool:
 
 
 def is_sharded_training_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` is a folder written as a sharded checkpoint (``xlsr/pretrain/sharded_checkpoints.py``;
+    """Whether ``path`` is a folder written as a sharded checkpoint (``xlsr/checkpoints/sharded.py``;
     whether it is complete, its ``shards.json`` tells)."""
     return (Path(path) / SHARDED_TRAINER_STATE).is_file()
 
@@ -34,19 +34,3 @@ def read_training_checkpoint(checkpoint: dict, path: str | Path) -> tuple[Wav2Ve
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{path}: damaged training checkpoint ({err})") from None
     return config, state_dict, {"format": "xlsr-training", "num_updates": int(checkpoint.get("num_updates", 0))}
-
-
-def read_sharded_training_checkpoint(path: str | Path) -> tuple[Wav2Vec2Config, dict[str, torch.Tensor], dict]:
-    """A sharded checkpoint folder (``distributed.strategy=fsdp``) -> (config, whole state dict, info), read in this
-    process from all its shards."""
-    from xlsr.pretrain.sharded_checkpoints import read_sharded_model
-
-    model_config, state_dict, state = read_sharded_model(path)
-    if "encoder" in model_config:
-        raise CheckpointError(f"{path}: a fine-tuning checkpoint (CTC): load the run's model/ folder with "
-                              "xlsr.Wav2Vec2ForCTC.from_pretrained")
-    try:
-        config = Wav2Vec2Config.from_dict(model_config)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{path}: damaged training checkpoint ({err})") from None
-    return config, state_dict, {"format": "xlsr-sharded-training", "num_updates": int(state.get("num_updates", 0))}

@@ -86,7 +86,7 @@ def _locked(path: pathlib.Path) -> Iterator[None]:
     """Exclusive advisory lock so that concurrent builders (e.g. several
     ranks of one job) do not step on each other."""
     try:
-        import fcntl
+        import fcntl  # POSIX only
     except ImportError:  # pragma: no cover - non-POSIX
         yield
         return

@@ -15,11 +15,14 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from xlsr.ctc import Wav2Vec2ForCTC
 from xlsr.demo.plots import PLOT_HINT, finetune_panels, read_metrics, save_curves
 from xlsr.demo.train import learning_curve
 from xlsr.finetune.config import compose_config
+from xlsr.finetune.trainer import FineTuner
 from xlsr.finetune.wer import error_counts, rate
 from xlsr.manifest import read_manifest
+from xlsr.transcribe import transcribe
 
 FINETUNE_PNG = "finetune_curve.png"
 
@@ -73,8 +76,6 @@ def _spread(rows: Sequence, count: int) -> list:
 def greedy_errors(model, rows: Sequence[tuple[str, str]], device: str = "cpu") -> dict[str, float]:
     """Greedy ``wer`` and ``cer`` (%) of a ``Wav2Vec2ForCTC`` on ``(path, reference)`` rows, via
     :func:`xlsr.transcribe.transcribe`; also their ``hypotheses``."""
-    from xlsr.transcribe import transcribe
-
     was_training = model.training
     hypotheses = transcribe(model, [path for path, _ in rows], device=device, progress=False)
     model.train(was_training)
@@ -110,10 +111,6 @@ def finetune_and_report(data_dir: Path, init_from: Path, output_dir: Path, minut
     ``cer`` on up to ``train_eval_utterances`` training utterances); ``examples`` are
     ``(path, reference, hypothesis)`` of two valid files transcribed with the saved model.
     """
-    from xlsr.ctc import Wav2Vec2ForCTC
-    from xlsr.finetune.trainer import FineTuner
-    from xlsr.transcribe import transcribe
-
     data_dir, output_dir = Path(data_dir).resolve(), Path(output_dir)
     if minutes <= 0:
         raise ValueError(f"minutes must be > 0, got {minutes}")

@@ -30,7 +30,7 @@ def save_curves(path: Path, title: str, panels: Sequence[Panel]) -> Path | None:
     """Draw the panels side by side against the update number into the PNG ``path``; None without matplotlib."""
     if not have_matplotlib():
         return None
-    from matplotlib.figure import Figure  # no pyplot: no global state, no display needed
+    from matplotlib.figure import Figure  # optional dependency (xlsr[plot]); no pyplot: no global state or display
 
     fig = Figure(figsize=(4.2 * len(panels), 3.4), layout="constrained")
     fig.suptitle(title)

@@ -11,6 +11,7 @@ from typing import Sequence
 
 from xlsr.demo.plots import PLOT_HINT, pretrain_panels, save_curves
 from xlsr.pretrain.config import compose_config
+from xlsr.pretrain.trainer import Trainer
 
 PRETRAIN_PNG = "pretrain_curve.png"
 
@@ -53,8 +54,6 @@ def train_and_report(corpus: Path, output_dir: str, minutes: float, overrides: S
             *overrides,
         ]
     )
-    from xlsr.pretrain.trainer import Trainer
-
     trainer = Trainer(cfg)
     trainer.train()
     curve = learning_curve(trainer.output_dir / "metrics.jsonl")

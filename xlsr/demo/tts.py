@@ -141,7 +141,7 @@ def resample(x: np.ndarray, sr_in: int, sr_out: int) -> np.ndarray:
     if sr_in == sr_out:
         return x
     try:
-        import soxr
+        import soxr  # optional dependency (xlsr[resample])
 
         return soxr.resample(x, sr_in, sr_out, quality="HQ").astype(np.float32)
     except ImportError:

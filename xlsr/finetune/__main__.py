@@ -12,16 +12,15 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from xlsr.finetune.config import FineTuneConfig, register_configs
+from xlsr.finetune.trainer import FineTuner
 from xlsr.pretrain.config import CONF_DIR
+from xlsr.pretrain.trainer import run_command
 
 register_configs()
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="finetune", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from xlsr.finetune.trainer import FineTuner
-    from xlsr.pretrain.trainer import run_command
-
     config: FineTuneConfig = OmegaConf.to_object(cfg)
     run_command(FineTuner, config, logging.getLogger("xlsr.finetune"))
 

@@ -17,7 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from xlsr.pretrain.config import CheckpointConfig, DistributedConfig
+from hydra.core.config_store import ConfigStore
+
+from xlsr.pretrain.config import CheckpointConfig, DistributedConfig, compose_app_config
 from xlsr.finetune.data import FinetuneDataConfig
 
 
@@ -149,14 +151,10 @@ class FineTuneConfig:
 
 def register_configs() -> None:
     """Register the schema with hydra so ``xlsr/conf/finetune.yaml`` is validated against it."""
-    from hydra.core.config_store import ConfigStore
-
     ConfigStore.instance().store(name="finetune_schema", node=FineTuneConfig)
 
 
 def compose_config(overrides: list[str] | None = None) -> FineTuneConfig:
     """The config ``python -m xlsr.finetune`` would use with these command-line overrides."""
-    from xlsr.pretrain.config import compose_app_config
-
     register_configs()
     return compose_app_config("finetune", FineTuneConfig, overrides)

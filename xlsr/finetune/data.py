@@ -29,7 +29,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from xlsr.audio import AudioWarning
-from xlsr.finetune.labels import Dictionary, dictionary_path, label_path, read_labels
+from xlsr.finetune.labels import dictionary_path, label_path, read_labels
+from xlsr.vocabulary import Dictionary
 from xlsr.modules.feature_encoder import conv_output_length
 from xlsr.pretrain.data import AudioDataset, batched_loader, collate, set_loader_epoch
 

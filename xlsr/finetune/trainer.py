@@ -21,7 +21,8 @@ from xlsr.checkpoints.ctc import is_ctc_checkpoint
 from xlsr.ctc import CTCOutput, Wav2Vec2ForCTC
 from xlsr.finetune.config import FineTuneConfig
 from xlsr.finetune.data import build_finetune_dataloader, frames_of
-from xlsr.finetune.labels import Dictionary, dictionary_path, letters_to_words, read_labels
+from xlsr.finetune.labels import dictionary_path, read_labels
+from xlsr.vocabulary import Dictionary, letters_to_words
 from xlsr.finetune.wer import error_counts
 from xlsr.model import Wav2Vec2Model
 from xlsr.pretrain.metrics import Totals

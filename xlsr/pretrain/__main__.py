@@ -12,14 +12,13 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from xlsr.pretrain.config import CONF_DIR, PretrainConfig, register_configs
+from xlsr.pretrain.trainer import Trainer, run_command
 
 register_configs()
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="pretrain", version_base=None)
 def main(cfg: DictConfig) -> None:
-    from xlsr.pretrain.trainer import Trainer, run_command
-
     config: PretrainConfig = OmegaConf.to_object(cfg)
     run_command(Trainer, config, logging.getLogger("xlsr.pretrain"))
 

@@ -16,7 +16,7 @@
 The Gumbel temperature and the LR are functions of ``num_updates``, so they resume with it.
 
 With ``distributed.strategy=fsdp`` a checkpoint is a folder ``checkpoint_<update>/`` instead, each rank writing its
-shard (``sharded_checkpoints.py``); both kinds resume in either strategy and at any world size.
+shard (``xlsr/checkpoints/sharded.py``); both kinds resume in either strategy and at any world size.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from xlsr.checkpoints import CheckpointError, safe_torch_load
+from xlsr.checkpoints.sharded import read_sharded_checkpoint
 from xlsr.checkpoints.training import TRAINING_CHECKPOINT_MARK, is_training_checkpoint
 from xlsr.files import write_atomic
 
@@ -201,8 +202,6 @@ def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
 
     A sharded folder is verified and its trainer state returned with ``sharded_path`` (collective: every rank)."""
     if Path(path).is_dir():
-        from xlsr.pretrain.sharded_checkpoints import read_sharded_checkpoint
-
         return read_sharded_checkpoint(Path(path))
     state = safe_torch_load(path)
     if not is_training_checkpoint(state):

@@ -7,6 +7,11 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
 from xlsr.config import Wav2Vec2Config, parse_conv_layers
 from xlsr.pretrain.data import DataConfig
 
@@ -242,8 +247,6 @@ class PretrainConfig:
 
 def register_configs() -> None:
     """Register the schema with hydra so ``xlsr/conf/pretrain.yaml`` is validated against it."""
-    from hydra.core.config_store import ConfigStore
-
     store = ConfigStore.instance()
     store.store(name="pretrain_schema", node=PretrainConfig)
 
@@ -254,10 +257,6 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 def compose_app_config(config_name: str, schema: type, overrides: list[str] | None = None) -> Any:
     """The typed config a hydra app of ``xlsr/conf/<config_name>.yaml`` would use with these overrides."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
-
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose(config_name=config_name, overrides=list(overrides or []), return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)

@@ -118,7 +118,7 @@ class MetricsLog:
         if not (self.enabled and self.tensorboard):
             return
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # optional dependency (xlsr[tensorboard])
         except ImportError:
             logger.warning("tensorboard=true but the tensorboard package is not installed: metrics.jsonl only")
             return

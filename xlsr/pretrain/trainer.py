@@ -10,7 +10,7 @@ micro-batch and rank). So one process with ``optim.update_freq=K`` and K ranks t
 same masks, negatives, dropout and layers, and a resumed run continues exactly.
 
 ``distributed.strategy=fsdp`` shards parameters, gradients and optimizer state over the ranks (``sharding.py``) and
-writes sharded checkpoints (``sharded_checkpoints.py``); the loop is the same.
+writes sharded checkpoints (``xlsr/checkpoints/sharded.py``); the loop is the same.
 """
 
 from __future__ import annotations
@@ -31,7 +31,9 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
 
+from xlsr.checkpoints.sharded import load_full_into, load_sharded_into, save_sharded
 from xlsr.config import Wav2Vec2Config
 from xlsr.files import write_text_atomic
 from xlsr.model import Wav2Vec2Model
@@ -40,7 +42,6 @@ from xlsr.pretrain.config import PretrainConfig
 from xlsr.pretrain.data import build_dataloader, set_loader_epoch
 from xlsr.pretrain.loss import compute_loss
 from xlsr.pretrain.metrics import MetricsLog, StepTotals, stats_to_record
-from xlsr.pretrain.sharded_checkpoints import load_full_into, load_sharded_into, save_sharded
 from xlsr.pretrain.sharding import (
     STRATEGIES,
     build_on_rank0,
@@ -596,8 +597,6 @@ class Trainer:
     def _progress_bar(self):
         if not (self.is_main and self.cfg.progress_bar):
             return None
-        from tqdm import tqdm
-
         cfg = self.cfg
         total = cfg.stop_at_update or (None if cfg.max_time_minutes else cfg.optim.max_update)
         return tqdm(total=total, initial=self.num_updates, unit="upd", dynamic_ncols=True)

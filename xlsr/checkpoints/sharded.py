@@ -27,16 +27,20 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
     set_state_dict,
 )
 
-from xlsr.checkpoints import CheckpointError, safe_torch_load
+from xlsr.checkpoints.errors import CheckpointError
+from xlsr.checkpoints.safe_loading import safe_torch_load
 from xlsr.checkpoints.training import SHARDED_MANIFEST as SHARDS
 from xlsr.checkpoints.training import SHARDED_TRAINER_STATE as TRAINER_STATE
 from xlsr.checkpoints.training import is_training_checkpoint
+from xlsr.config import Wav2Vec2Config
 
 
 def _distributed() -> bool:
@@ -151,9 +155,6 @@ def load_sharded_into(model: nn.Module, optimizer: torch.optim.Optimizer, path: 
 def read_sharded_model(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
     """The whole model of a sharded checkpoint folder in this process (no process group used, whatever the world
     size that wrote it): (model config dict, state dict, trainer state). For ``from_pretrained``."""
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
     path = Path(path)
     state = _verified_trainer_state(path, collective=False)
     entries = FileSystemReader(str(path)).read_metadata().state_dict_metadata
@@ -182,3 +183,17 @@ def optimizer_state_by_name(model: nn.Module, optimizer_state: dict[str, Any]) -
     state = {names[index]: value for index, value in optimizer_state["state"].items()}
     groups = [{**group, "params": [names[i] for i in group["params"]]} for group in optimizer_state["param_groups"]]
     return {"state": state, "param_groups": groups}
+
+
+def read_sharded_training_checkpoint(path: str | Path) -> tuple[Wav2Vec2Config, dict[str, torch.Tensor], dict]:
+    """A sharded checkpoint folder (``distributed.strategy=fsdp``) -> (config, whole state dict, info), read in this
+    process from all its shards."""
+    model_config, state_dict, state = read_sharded_model(path)
+    if "encoder" in model_config:
+        raise CheckpointError(f"{path}: a fine-tuning checkpoint (CTC): load the run's model/ folder with "
+                              "xlsr.Wav2Vec2ForCTC.from_pretrained")
+    try:
+        config = Wav2Vec2Config.from_dict(model_config)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: damaged training checkpoint ({err})") from None
+    return config, state_dict, {"format": "xlsr-sharded-training", "num_updates": int(state.get("num_updates", 0))}
