@@ -160,7 +160,7 @@ class Runner:
             params = [p for p in model.parameters() if p.requires_grad]
             self.optimizer = make_optimizer(params, spec["optim"], self.device)
             if spec.get("step_in_backward"):  # as the trainer sets it up
-                from xlsr.pretrain.optim import attach_step_in_backward
+                from xlsr.training.optim import attach_step_in_backward
 
                 self.step_in_backward = attach_step_in_backward(self.optimizer, model.parameters(), self.device)
 

@@ -1,4 +1,4 @@
-"""xlsr.pretrain.data: bad files, cropping/padding, length batching, sharding, resume, alpha."""
+"""xlsr.data.audio_dataset: bad files, cropping/padding, length batching, sharding, resume, alpha."""
 
 import os
 import warnings
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from xlsr.audio import AudioError, AudioWarning, load_audio
 from xlsr.manifest import write_manifest
-from xlsr.pretrain.data import (
+from xlsr.data.audio_dataset import (
     AudioDataset,
     BadFilesError,
     DataConfig,

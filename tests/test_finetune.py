@@ -68,7 +68,7 @@ def test_finetuning_learns_on_real_speech(digits, tmp_path):
     assert before["cer"] >= 90, before
     assert after["cer"] < before["cer"] - 20, (before["cer"], after["cer"])
     model = xlsr.Wav2Vec2ForCTC.from_pretrained(out / "model")
-    assert model.vocab == list(trainer.dictionary.symbols)
+    assert model.vocab == list(trainer.task.dictionary.symbols)
 
 
 def test_finetuning_resume_reproduces_the_uninterrupted_run(digits, tmp_path):

@@ -176,7 +176,7 @@ def test_continue_a_hugging_face_model_with_no_dictionary(digits, hf_model, tmp_
     start = transformers.Wav2Vec2ForCTC.from_pretrained(hf_model).lm_head.weight.detach()
     out = tmp_path / "run"
     trainer = run(overrides(digits, hf_model, out))
-    assert trainer.dictionary.symbols == hf_vocab and trainer.dictionary.blank_index == tokenizer.pad_token_id
+    assert trainer.task.dictionary.symbols == hf_vocab and trainer.task.dictionary.blank_index == tokenizer.pad_token_id
     # targets are the tokenizer's own ids (its text has no final word boundary: ours ends every word with |)
     dataset = trainer.train_loader.dataset
     transcripts = read_transcript_table(DIGITS / "transcripts.tsv")
@@ -207,7 +207,7 @@ def test_continue_fairseq_ctc_mini_over_a_different_dict_beside_the_manifest(dig
         trainer = run(overrides(data / "train.tsv", CTC_MINI / "checkpoint.pt", out))
     assert any("differs from the vocabulary of the fine-tuned model" in r.getMessage() for r in caplog.records)
     fairseq_dictionary = Dictionary.load(CTC_MINI / "dict.ltr.txt")
-    assert trainer.dictionary == fairseq_dictionary
+    assert trainer.task.dictionary == fairseq_dictionary
     assert Dictionary.load(out / "dict.ltr.txt") == fairseq_dictionary
     assert (out / "dict.ltr.txt").read_text().split()[::2] == (CTC_MINI / "dict.ltr.txt").read_text().split()[::2]
     model = xlsr.Wav2Vec2ForCTC.from_pretrained(out / "model")
@@ -299,4 +299,4 @@ def test_finetune_starts_from_a_pretraining_checkpoint(digits, pretraining_check
     encoder = xlsr.Wav2Vec2ForCTC.from_pretrained(out / "model").wav2vec2.state_dict()
     assert encoder.keys() <= pretrained.keys() and len(encoder) > 10
     assert all(torch.equal(value, pretrained[key]) for key, value in encoder.items())
-    assert trainer.model.vocab == trainer.dictionary.symbols and trainer.dictionary.fairseq_layout
+    assert trainer.model.vocab == trainer.task.dictionary.symbols and trainer.task.dictionary.fairseq_layout

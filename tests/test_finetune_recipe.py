@@ -133,9 +133,9 @@ def biased_models(digits, tmp_path_factory):  # noqa: F811
 ])
 def test_blank_plateau_warning(digits, biased_models, tmp_path, caplog, monkeypatch,  # noqa: F811
                                model, freeze, patience, warns):
-    from xlsr.finetune.trainer import FineTuner
+    from xlsr.tasks.ctc import CTCTask
 
-    monkeypatch.setattr(FineTuner, "BLANK_PATIENCE", patience)
+    monkeypatch.setattr(CTCTask, "BLANK_PATIENCE", patience)
     cfg = compose_config(overrides(digits, tmp_path / "run", f"model.init_from={biased_models[model]}",
                                    f"model.freeze_finetune_updates={freeze}", "optim.lr=1e-9", "optim.max_update=3"))
     with caplog.at_level(logging.WARNING, logger="xlsr.finetune"):

@@ -240,7 +240,7 @@ def test_bf16_and_activation_checkpointing_train_under_fsdp(few, tmp_path):  # n
 
 
 def test_sharded_folders_are_listed_pruned_and_their_temporary_folders_ignored(tmp_path):
-    from xlsr.pretrain import checkpointing
+    from xlsr.training import checkpointing
 
     for update in (3, 6, 9):
         (tmp_path / f"checkpoint_{update}").mkdir()
@@ -265,8 +265,9 @@ def test_from_pretrained_reads_a_sharded_checkpoint_folder(fsdp_run):
 OVERFLOW_ON_ONE_RANK = """
 import json, logging, math, sys
 import torch.distributed as dist
-from xlsr.pretrain import trainer
+import xlsr.tasks.pretraining  # registers the task of PretrainConfig
 from xlsr.pretrain.config import compose_config
+from xlsr.training import trainer
 
 real_step = trainer.optimizer_step
 done = {"updated": False, "injected": False}

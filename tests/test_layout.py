@@ -96,3 +96,15 @@ def test_the_manifest_tool_and_the_vocabulary_import_no_training_task():
     for module in ("xlsr.manifest", "xlsr.vocabulary"):
         tasks = sorted(m for m in reachable(graph, module) if m.startswith(("xlsr.pretrain", "xlsr.finetune")))
         assert not tasks, f"{module} imports {tasks}"
+
+
+def test_the_engine_imports_no_task_and_fine_tuning_nothing_of_pretraining():
+    graph = import_graph()
+    tasks = ("xlsr.tasks", "xlsr.pretrain", "xlsr.finetune")
+    for engine in (m for m in graph if m.startswith(("xlsr.training", "xlsr.data"))):
+        found = sorted(m for m in reachable(graph, engine) if m.startswith(tasks))
+        assert not found, f"the engine module {engine} imports {found}"
+    pretraining = ("xlsr.tasks.pretraining", "xlsr.pretrain")
+    for ctc in ("xlsr.tasks.ctc", "xlsr.finetune.config", "xlsr.finetune.data", "xlsr.finetune.labels"):
+        found = sorted(m for m in reachable(graph, ctc) if m.startswith(pretraining))
+        assert not found, f"the fine-tuning module {ctc} imports {found}"

@@ -215,7 +215,7 @@ def test_two_process_ddp_matches_gradient_accumulation(speech, tmp_path, layerdr
 
 KILLER = """
 import sys, torch
-from xlsr.pretrain.checkpointing import save_atomic
+from xlsr.training.checkpointing import save_atomic
 path = sys.argv[1]
 save_atomic({"step": 1, "weights": torch.zeros(10)}, path)
 print("first saved", flush=True)
@@ -240,7 +240,7 @@ def test_kill_during_checkpoint_write_keeps_previous(tmp_path):
 
 
 def test_init_from_golden_checkpoint_starts_from_its_weights(corpus, tmp_path):
-    from xlsr.pretrain.trainer import build_model
+    from xlsr.tasks.pretraining import build_model
 
     checkpoint = GOLDEN / "xlsr_mini" / "checkpoint.pt"
     cfg = compose_config(overrides(corpus, tmp_path / "init", f"model.init_from={checkpoint}"))
@@ -301,7 +301,7 @@ def test_mixed_precision_runs(corpus, tmp_path, precision, fp32_reference):
 
 def test_validation_is_logged(corpus, tmp_path):
     from xlsr.pretrain.loss import compute_loss
-    from xlsr.pretrain.trainer import _batch_seed
+    from xlsr.training.trainer import _batch_seed
 
     out = tmp_path / "val"
     trainer = run_in_process(compose_config(overrides(corpus, out, "optim.max_update=4", f"data.valid_manifest={corpus}",
@@ -325,7 +325,7 @@ def test_validation_is_logged(corpus, tmp_path):
 
 def test_polynomial_decay_schedule():
     from xlsr.pretrain.config import OptimConfig
-    from xlsr.pretrain.optim import polynomial_decay_lr
+    from xlsr.training.optim import polynomial_decay_lr
 
     cfg = OptimConfig(lr=6e-4, warmup_updates=100, max_update=1100, end_lr=0.0, power=1.0)
     assert polynomial_decay_lr(0, cfg) == 0.0
@@ -532,10 +532,10 @@ def test_clip_norm_clips_the_gradient(corpus, tmp_path, monkeypatch):
 
 
 def test_collapse_and_saturation_warnings(tmp_path, caplog):
-    from xlsr.pretrain.metrics import MetricsLog
+    from xlsr.tasks.pretraining import CodebookHealth
 
     caplog.set_level("WARNING", logger="xlsr.pretrain")
-    log = MetricsLog(tmp_path, enabled=True, tensorboard=False)
+    log = CodebookHealth(enabled=True)
     log.check_health(500, {"code_perplexity": 40.0, "accuracy": 0.4}, num_codevectors=640)
     assert not caplog.records
     log.check_health(50, {"code_perplexity": 1.0, "accuracy": 1.0}, num_codevectors=640)  # too early to judge
@@ -552,7 +552,7 @@ def test_tri_stage_schedule():
     """fairseq's tri_stage: 10 % linear warm-up from 1 % of the peak, 40 % hold, 50 % exponential decay to 5 %."""
     from types import SimpleNamespace
 
-    from xlsr.pretrain.optim import tri_stage_lr
+    from xlsr.training.optim import tri_stage_lr
 
     cfg = SimpleNamespace(lr=3e-4, max_update=1000, phase_ratio=[0.1, 0.4, 0.5], init_lr_scale=0.01,
                           final_lr_scale=0.05)

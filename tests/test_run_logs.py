@@ -20,9 +20,9 @@ import torch
 
 import xlsr
 from xlsr.manifest import read_transcript_table, write_manifest
-from xlsr.pretrain import checkpointing
+from xlsr.training import checkpointing
 from xlsr.pretrain.config import compose_config
-from xlsr.pretrain.metrics import MetricsLog
+from xlsr.training.metrics import MetricsLog
 from xlsr.pretrain.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,7 +201,7 @@ def test_lock_is_removed_when_the_run_fails(corpus, digits, tmp_path):
 def test_lock_in_one_process_and_for_another_run(tmp_path):
     """A lock this process took earlier is taken again (a second Trainer after the first); after release, the folder
     is free; a live other run's lock stops it."""
-    from xlsr.pretrain import run_lock
+    from xlsr.training import run_lock
 
     first = run_lock.acquire(tmp_path)
     assert json.loads(first.read_text())["pid"] == os.getpid()

@@ -1,6 +1,6 @@
 """The demo's second step: CTC fine-tuning of the pretrained tiny model on the demo's transcribed speech.
 
-:func:`finetune_and_report` fine-tunes with :class:`xlsr.finetune.trainer.FineTuner` for a time budget, with
+:func:`finetune_and_report` fine-tunes with the engine running :class:`xlsr.tasks.ctc.CTCTask` for a time budget, with
 settings that let a 0.4M-parameter model learn on a CPU within minutes (the encoder trains from the first update,
 almost no masking, no LayerDrop, a high learning rate held after 100 warm-up updates), and prints the greedy WER
 and CER on the valid set and on training utterances before and after, the learning curve, and two transcripts of
@@ -19,9 +19,10 @@ from xlsr.ctc import Wav2Vec2ForCTC
 from xlsr.demo.plots import PLOT_HINT, finetune_panels, read_metrics, save_curves
 from xlsr.demo.train import learning_curve
 from xlsr.finetune.config import compose_config
-from xlsr.finetune.trainer import FineTuner
 from xlsr.finetune.wer import error_counts, rate
 from xlsr.manifest import read_manifest
+from xlsr.tasks.ctc import CTCTask
+from xlsr.training.trainer import Trainer
 from xlsr.transcribe import transcribe
 
 FINETUNE_PNG = "finetune_curve.png"
@@ -120,7 +121,7 @@ def finetune_and_report(data_dir: Path, init_from: Path, output_dir: Path, minut
     if not valid_rows:
         raise ValueError(f"{data_dir / 'valid.tsv'} lists no utterance: the report needs a valid set")
 
-    trainer = FineTuner(cfg)
+    trainer = Trainer(cfg, CTCTask(cfg))
     device = str(trainer.device)
     before = {"valid": trainer.validate(), "train": greedy_errors(trainer.model, train_rows, device)}
     start = time.monotonic()
@@ -139,7 +140,7 @@ def finetune_and_report(data_dir: Path, init_from: Path, output_dir: Path, minut
     hours = sum(n for _, n in read_manifest(data_dir / "train.tsv")[1]) / trainer.model_cfg.sample_rate / 3600
     print()
     print(f"fine-tuned the pretrained model for CTC for {trainer.num_updates} updates ({elapsed:.1f} min) on "
-          f"{len(_rows(data_dir, 'train'))} transcribed utterances ({hours:.2f} h, {len(trainer.dictionary)} "
+          f"{len(_rows(data_dir, 'train'))} transcribed utterances ({hours:.2f} h, {len(trainer.task.dictionary)} "
           f"output symbols), {data_dir}")
     print(f"{'updates':>12}  {'CTC loss (bits/letter)':>22}")
     for row in learning_curve(out / "metrics.jsonl", keys=("nll_loss",)):

@@ -11,7 +11,8 @@ from typing import Sequence
 
 from xlsr.demo.plots import PLOT_HINT, pretrain_panels, save_curves
 from xlsr.pretrain.config import compose_config
-from xlsr.pretrain.trainer import Trainer
+from xlsr.tasks.pretraining import PretrainingTask
+from xlsr.training.trainer import Trainer
 
 PRETRAIN_PNG = "pretrain_curve.png"
 
@@ -54,7 +55,7 @@ def train_and_report(corpus: Path, output_dir: str, minutes: float, overrides: S
             *overrides,
         ]
     )
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, PretrainingTask(cfg))
     trainer.train()
     curve = learning_curve(trainer.output_dir / "metrics.jsonl")
     out = trainer.output_dir.resolve()

@@ -12,9 +12,9 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from xlsr.finetune.config import FineTuneConfig, register_configs
-from xlsr.finetune.trainer import FineTuner
-from xlsr.pretrain.config import CONF_DIR
-from xlsr.pretrain.trainer import run_command
+from xlsr.tasks.ctc import CTCTask  # noqa: F401 (registers the task of FineTuneConfig)
+from xlsr.training.run_config import CONF_DIR
+from xlsr.training.trainer import Trainer, run_command
 
 register_configs()
 
@@ -22,7 +22,7 @@ register_configs()
 @hydra.main(config_path=str(CONF_DIR), config_name="finetune", version_base=None)
 def main(cfg: DictConfig) -> None:
     config: FineTuneConfig = OmegaConf.to_object(cfg)
-    run_command(FineTuner, config, logging.getLogger("xlsr.finetune"))
+    run_command(Trainer, config, logging.getLogger("xlsr.finetune"))
 
 
 if __name__ == "__main__":

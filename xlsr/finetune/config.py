@@ -19,7 +19,7 @@ from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from xlsr.pretrain.config import CheckpointConfig, DistributedConfig, compose_app_config
+from xlsr.training.run_config import CheckpointConfig, DistributedConfig, compose_app_config
 from xlsr.finetune.data import FinetuneDataConfig
 
 

@@ -1,8 +1,8 @@
 """Fine-tuning data: manifest + transcripts -> whole, zero-padded utterances with padded letter targets for CTC.
 
 fairseq's ``audio_finetuning`` task (``FileAudioDataset`` with ``pad=True`` wrapped in ``AddTargetDataset``), built
-on :class:`xlsr.pretrain.data.AudioDataset` (reading, normalisation, bad files, corpus resampling) and batched by
-its :class:`~xlsr.pretrain.data.LengthBatchSampler` (length buckets of at most ``max_tokens`` padded samples, DDP
+on :class:`xlsr.data.audio_dataset.AudioDataset` (reading, normalisation, bad files, corpus resampling) and batched by
+its :class:`~xlsr.data.audio_dataset.LengthBatchSampler` (length buckets of at most ``max_tokens`` padded samples, DDP
 ranks padded with empty batches, exact mid-epoch resume).
 
 Utterances are never cropped. fairseq's fine-tuning recipes leave ``max_sample_size`` unset, so its collater does
@@ -32,7 +32,7 @@ from xlsr.audio import AudioWarning
 from xlsr.finetune.labels import dictionary_path, label_path, read_labels
 from xlsr.vocabulary import Dictionary
 from xlsr.modules.feature_encoder import conv_output_length
-from xlsr.pretrain.data import AudioDataset, batched_loader, collate, set_loader_epoch
+from xlsr.data.audio_dataset import AudioDataset, batched_loader, collate, set_loader_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -407,7 +407,7 @@ def build_finetune_dataloader(
 ) -> DataLoader:
     """DataLoader of CTC batches over ``manifest`` (comma-separated = several corpora) for one rank.
 
-    As :func:`xlsr.pretrain.data.build_dataloader`: length-bucketed batches of at most ``cfg.max_tokens`` padded
+    As :func:`xlsr.data.audio_dataset.build_dataloader`: length-bucketed batches of at most ``cfg.max_tokens`` padded
     samples, all ranks building the same list and rank r taking batches r, r + K, ..., a rank left without one in
     the last round getting an empty batch (collated to None: a zero-weight pass); ``start_batch`` resumes an epoch;
     :func:`set_loader_epoch` moves to later epochs. ``dictionary``: a :class:`Dictionary`, a path, or None for

@@ -30,21 +30,9 @@ from xlsr.vocabulary import (  # re-exported: the vocabulary's public names, whe
     words_to_letters,
 )
 
-__all__ = [
-    "LabelError",
-    "Dictionary",
-    "SPECIAL_SYMBOLS",
-    "UNK_SYMBOLS",
-    "PAD_SYMBOLS",
-    "WORD_BOUNDARY",
-    "words_to_letters",
-    "letters_to_words",
-    "normalize_transcript",
-    "letter_tokens",
-    "label_path",
-    "dictionary_path",
-    "read_labels",
-]
+__all__ = ["label_path", "dictionary_path", "read_labels",  # and, re-exported, the vocabulary's names:
+           "LabelError", "Dictionary", "SPECIAL_SYMBOLS", "UNK_SYMBOLS", "PAD_SYMBOLS", "WORD_BOUNDARY",
+           "words_to_letters", "letters_to_words", "normalize_transcript", "letter_tokens"]
 
 
 # ---------------------------------------------------------------------- label files

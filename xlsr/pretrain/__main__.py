@@ -12,7 +12,8 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from xlsr.pretrain.config import CONF_DIR, PretrainConfig, register_configs
-from xlsr.pretrain.trainer import Trainer, run_command
+from xlsr.tasks.pretraining import PretrainingTask  # noqa: F401 (registers the task of PretrainConfig)
+from xlsr.training.trainer import Trainer, run_command
 
 register_configs()
 

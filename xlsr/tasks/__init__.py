@@ -1,0 +1,1 @@
+"""The training tasks the engine (:mod:`xlsr.training`) runs: one module each."""

@@ -1,0 +1,80 @@
+"""The run sections every task's config shares (hydra structured configs): process group, checkpoints; and
+how a hydra app's config is composed (``xlsr/conf/<name>.yaml``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import OmegaConf
+
+
+@dataclass
+class DistributedConfig:
+    """Process-group settings; world size and ranks come from torchrun's environment."""
+
+    backend: str = "auto"
+    """torch.distributed backend; auto: nccl on GPU, gloo on CPU. fairseq ``distributed_training.distributed_backend``
+    (XLS-R: nccl)."""
+
+    timeout_minutes: int = 30
+    """Timeout of collective operations (``init_process_group``'s ``timeout``), in minutes."""
+
+    strategy: str = "ddp"
+    """ddp: every rank holds the whole model, optimizer state and gradients (DistributedDataParallel); fsdp: each
+    rank holds 1/N of them (FSDP2 ``fully_shard`` per transformer layer, xlsr/training/sharding.py) and writes only
+    its shard of each checkpoint. For XLS-R 1B / 2B. fairseq: ``distributed_training.ddp_backend`` (fully_sharded)."""
+
+    shard_group_size: int = 0
+    """With ``strategy=fsdp``: shard within groups of this many consecutive ranks (one node: its GPU count) and
+    replicate across groups (hybrid sharding); 0 = shard over all ranks."""
+
+
+@dataclass
+class CheckpointConfig:
+    """Training checkpoints (``checkpoint_<update>.pt``: model, optimizer, RNG and data position)."""
+
+    dir: str = "checkpoints"
+    """Folder of the training checkpoints, relative to ``output_dir``. fairseq ``checkpoint.save_dir``."""
+
+    save_interval_updates: int = 1000
+    """Save every this many updates (and at the end of the run). XLS-R: 25000. fairseq has the same name."""
+
+    keep_last: int = 3
+    """Keep only the newest this many checkpoints; 0 = keep all. fairseq ``checkpoint.keep_interval_updates``
+    (XLS-R: 1)."""
+
+    resume: str = "auto"
+    """auto: continue from the newest readable checkpoint in ``dir`` if any; never: start a new run; or a path to
+    start from. A new run first moves an earlier run's outputs to ``output_dir/previous_runs/``."""
+
+    best_metric: str = ""
+    """Keep the model of the best validation so far in ``output_dir/best/`` (a ``from_pretrained`` folder with
+    ``best.json`` naming the metric, its value and the update), by this value of the valid line: ``loss`` (and for
+    fine-tuning ``wer`` or ``cer``); "" = none. ``model/`` stays the final model. The best value so far is part of
+    every training checkpoint, so a resumed run compares with it. Pretraining's default: "" (a copy of the model
+    at each improvement costs time and disk); fine-tuning's: ``wer``, as fairseq's XLS-R ``finetune.yaml``.
+    fairseq ``checkpoint.best_checkpoint_metric`` (it writes ``checkpoint_best.pt``)."""
+
+    maximize_best_metric: bool = False
+    """Higher is better for ``best_metric`` (false for loss, WER, CER). fairseq
+    ``checkpoint.maximize_best_checkpoint_metric``."""
+
+
+# Package data (declared in pyproject.toml), so a wheel install finds it too; shared by the package's hydra apps.
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_app_config(config_name: str, schema: type, overrides: list[str] | None = None) -> Any:
+    """The typed config a hydra app of ``xlsr/conf/<config_name>.yaml`` would use with these overrides."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name=config_name, overrides=list(overrides or []), return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+        output_dir = cfg.output_dir  # resolves ${hydra:...}
+        values = OmegaConf.to_container(cfg, resolve=False)
+    values.pop("hydra")
+    values["output_dir"] = output_dir
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), values))
