@@ -44,7 +44,7 @@ def finetune_overrides(data_dir: Path, init_from: Path, output_dir: Path, minute
         "model.freeze_finetune_updates=0",  # the tiny encoder trains from the start
         "model.mask_prob=0.05",
         "model.mask_channel_prob=0.0",
-        "model.layerdrop=0.0",
+        "model.encoder_layerdrop=0.0",
         "data.max_tokens=320000",  # 20 s of padded audio per update
         "data.unk=true",  # a valid letter missing from the training transcripts becomes <unk>
         "log_interval=10",

@@ -14,13 +14,14 @@ here at the end of every epoch from the start.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 
-from xlsr.training.run_config import CheckpointConfig, DistributedConfig, compose_app_config
 from xlsr.finetune.data import FinetuneDataConfig
+from xlsr.training.run_config import CheckpointConfig, RunConfig, compose_app_config
 
 
 @dataclass
@@ -39,8 +40,11 @@ class FineTuneModelConfig:
     """Channel masking in training (fairseq ``mask_channel_prob``)."""
     mask_channel_length: int = 64
     """Channel span length (fairseq ``mask_channel_length``)."""
-    layerdrop: float = 0.1
-    """Probability of skipping each transformer layer in training (fairseq ``layerdrop``)."""
+    encoder_layerdrop: float = 0.1
+    """Probability of skipping each transformer layer in training (fairseq ``layerdrop``; the key pretraining
+    uses too)."""
+    layerdrop: Optional[float] = None
+    """Deprecated: the old name of ``encoder_layerdrop`` (still read, with a warning)."""
     dropout: float = 0.0
     """Dropout in the transformer (fairseq ``dropout``)."""
     attention_dropout: float = 0.0
@@ -57,6 +61,12 @@ class FineTuneModelConfig:
     """Recompute each layer's activations in backward instead of keeping them."""
     compile: bool = False
     """``torch.compile`` each transformer layer."""
+
+    def __post_init__(self) -> None:
+        if self.layerdrop is not None:
+            warnings.warn("model.layerdrop is deprecated: use model.encoder_layerdrop (the same setting, as in "
+                          "pretraining)", FutureWarning, stacklevel=2)
+            self.encoder_layerdrop, self.layerdrop = self.layerdrop, None
 
 
 @dataclass
@@ -98,8 +108,9 @@ def _finetune_checkpoint() -> CheckpointConfig:
 
 
 @dataclass
-class FineTuneConfig:
-    """Everything ``python -m xlsr.finetune`` takes; field names mirror ``PretrainConfig`` where they mean the same."""
+class FineTuneConfig(RunConfig):
+    """Everything ``python -m xlsr.finetune`` takes: the run fields of :class:`~xlsr.training.run_config.RunConfig`
+    (fine-tuning's defaults for ``checkpoint`` and ``output_dir``) and fine-tuning's own sections."""
 
     model: FineTuneModelConfig = field(default_factory=FineTuneModelConfig)
     """The checkpoint to start from and the encoder's fine-tuning settings."""
@@ -113,40 +124,12 @@ class FineTuneConfig:
     label file and line (``data.unk=true``: the unknown symbol, ``<unk>`` or ``[UNK]``)."""
     optim: FineTuneOptimConfig = field(default_factory=FineTuneOptimConfig)
     """Optimizer and schedule."""
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    """Backend and timeout (ranks come from torchrun)."""
     checkpoint: CheckpointConfig = field(default_factory=_finetune_checkpoint)
     """Saving, keep-last, resume, and the best model by validation WER (``best_metric``: wer, cer, loss or "")."""
     output_dir: str = "runs/finetune"
     """Where config.yaml, metrics.jsonl, checkpoints/ and model/ go."""
-    seed: int = 1
-    """Seed of every random choice (tied to the data, not to the process layout)."""
-    device: str = "auto"
-    """auto (cuda if available), cpu or cuda."""
-    precision: str = "fp32"
-    """fp32, bf16 (autocast) or fp16 (autocast with a loss scaler)."""
-    max_epoch: int = 0
-    """Stop after this many epochs; 0 = no limit."""
-    max_time_minutes: float = 0.0
-    """Stop cleanly with a checkpoint after this long; 0 = no limit."""
-    stop_at_update: int = 0
-    """Stop cleanly at this update without changing the schedule; 0 = no."""
-    log_interval: int = 10
-    """Updates between train lines in metrics.jsonl."""
-    validate_interval_updates: int = 0
-    """Validate every this many updates; 0 = at the end of every epoch (fairseq's recipe: 1000)."""
-    validate_after_updates: int = 0
-    """No validation before this update (fairseq ``validate_after_updates``; its recipe: 10000, the frozen phase)."""
-    max_valid_batches: int = 0
-    """Validate on at most this many batches; 0 = all."""
     valid_examples: int = 3
     """Reference / hypothesis pairs printed at each validation."""
-    tensorboard: bool = True
-    """TensorBoard event files too, when tensorboard is installed."""
-    progress_bar: bool = True
-    """A tqdm bar on rank 0."""
-    threads: int = 0
-    """torch.set_num_threads on CPU; 0 = torch's default."""
 
 
 def register_configs() -> None:

@@ -14,12 +14,13 @@ from xlsr.training.run_config import (  # re-exported: the run sections, once de
     CONF_DIR,
     CheckpointConfig,
     DistributedConfig,
+    RunConfig,
     compose_app_config,
 )
 
 
 __all__ = ["PretrainConfig", "ModelConfig", "OptimConfig", "DataConfig", "DistributedConfig", "CheckpointConfig",
-           "CONF_DIR", "compose_app_config", "compose_config", "register_configs"]
+           "RunConfig",            "CONF_DIR", "compose_app_config", "compose_config", "register_configs"]
 
 def _optional_field_type(f: dataclasses.Field) -> Any:
     if f.name == "conv_layers":
@@ -129,8 +130,9 @@ class OptimConfig:
 
 
 @dataclass
-class PretrainConfig:
-    """Everything ``python -m xlsr.pretrain`` reads (``xlsr/conf/pretrain.yaml`` composes it)."""
+class PretrainConfig(RunConfig):
+    """Everything ``python -m xlsr.pretrain`` reads (``xlsr/conf/pretrain.yaml`` composes it): the run fields of
+    :class:`~xlsr.training.run_config.RunConfig` and pretraining's ``model``, ``data`` and ``optim``."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """Model group (``model=xlsr-300m`` etc.): preset, init checkpoint, architecture overrides, loss weights."""
@@ -141,61 +143,8 @@ class PretrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optim group: optimizer and LR schedule."""
 
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    """Distributed group: backend and timeout."""
-
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    """Training checkpoints: where, how often, how many, resuming."""
-
     output_dir: str = "runs/pretrain"
-    """Where the run writes config.yaml, metrics.jsonl, tensorboard/, checkpoints and the final ``model/``
-    (``pretrain.yaml`` sets ``runs/pretrain-<model>``; also hydra's run dir)."""
-
-    seed: int = 1
-    """Seed of the initial weights and of every batch's RNG (from seed, epoch and batch index). XLS-R: 1.
-    fairseq ``common.seed``."""
-
-    device: str = "auto"
-    """auto: cuda if available, else cpu; or a torch device name (on cuda each rank takes its LOCAL_RANK's GPU)."""
-
-    precision: str = "fp32"
-    """fp32 | bf16 | fp16: autocast dtype of the forward (weights stay fp32; fp16 adds loss scaling). The XLS-R run
-    used fairseq's fp16 (``common.fp16``)."""
-
-    max_epoch: int = 0
-    """Stop after this many epochs; 0 = no limit (stop at ``optim.max_update``). fairseq ``optimization.max_epoch``."""
-
-    max_time_minutes: float = 0.0
-    """Stop cleanly, with a checkpoint, after this much wall time; 0 = no limit. (fairseq's
-    ``optimization.stop_time_hours``, in hours.)"""
-
-    stop_at_update: int = 0
-    """Stop cleanly (with a checkpoint) at this update without changing the LR schedule; 0 = no."""
-
-    log_interval: int = 10
-    """Updates between "train" log lines (the first and last update are always logged). XLS-R: 200.
-    fairseq ``common.log_interval``."""
-
-    validate_interval_updates: int = 0
-    """Validate every this many updates (then not at epoch ends); 0 = at the end of every epoch only.
-    fairseq ``dataset.validate_interval_updates``."""
-
-    validate_after_updates: int = 0
-    """No validation before this update (neither at the interval nor at epoch ends).
-    fairseq ``dataset.validate_after_updates``."""
-
-    max_valid_batches: int = 0
-    """Validate on at most this many batches per rank; 0 = the whole valid set.
-    (fairseq ``dataset.max_valid_steps``.)"""
-
-    tensorboard: bool = True
-    """Also write tensorboard event files to ``output_dir/tensorboard`` (when tensorboard is installed)."""
-
-    progress_bar: bool = True
-    """Show a tqdm progress bar on rank 0 (fairseq: ``common.no_progress_bar``, inverted)."""
-
-    threads: int = 0
-    """torch.set_num_threads (CPU intra-op threads); 0 = leave torch's default."""
+    """``pretrain.yaml`` sets ``runs/pretrain-<model>``."""
 
 
 def register_configs() -> None:

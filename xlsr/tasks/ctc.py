@@ -91,7 +91,7 @@ BLANK_PLATEAU_ADVICE = (
     "optim.lr too low (nothing moves) or too high (the outputs collapse to the blank): try a few values around "
     "the recipe's 3e-4; "
     "model.freeze_finetune_updates too long for the run; on little data the masks, "
-    "LayerDrop and dropout too strong: try model.mask_prob=0 model.mask_channel_prob=0 model.layerdrop=0 "
+    "LayerDrop and dropout too strong: try model.mask_prob=0 model.mask_channel_prob=0 model.encoder_layerdrop=0 "
     "model.activation_dropout=0; a dictionary that does not match the transcripts (check dict.ltr.txt against "
     "the .ltr files, and the vocabulary of a fine-tuned model.init_from)"
 )
@@ -153,7 +153,7 @@ class CTCTask(Task):
         m = self.cfg.model
         settings = dict(
             mask_prob=m.mask_prob, mask_length=m.mask_length, mask_channel_prob=m.mask_channel_prob,
-            mask_channel_length=m.mask_channel_length, encoder_layerdrop=m.layerdrop, dropout=m.dropout,
+            mask_channel_length=m.mask_channel_length, encoder_layerdrop=m.encoder_layerdrop, dropout=m.dropout,
             attention_dropout=m.attention_dropout, activation_dropout=m.activation_dropout,
             feature_grad_mult=m.feature_grad_mult, final_dropout=m.final_dropout,
             freeze_finetune_updates=m.freeze_finetune_updates, apply_mask=True, zero_infinity=True,

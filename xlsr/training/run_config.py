@@ -3,7 +3,7 @@ how a hydra app's config is composed (``xlsr/conf/<name>.yaml``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,69 @@ class CheckpointConfig:
     maximize_best_metric: bool = False
     """Higher is better for ``best_metric`` (false for loss, WER, CER). fairseq
     ``checkpoint.maximize_best_checkpoint_metric``."""
+
+
+@dataclass
+class RunConfig:
+    """The fields every task's run config has: process group, checkpoints, output, seed, device, precision,
+    stopping, logging, validation schedule. A task's config subclasses it and adds its own sections (``model``,
+    ``data``, ``optim``, ...)."""
+
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    """Distributed group: backend and timeout."""
+
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Training checkpoints: where, how often, how many, resuming."""
+
+    output_dir: str = "runs/train"
+    """Where the run writes config.yaml, metrics.jsonl, tensorboard/, checkpoints and the final ``model/`` (also
+    hydra's run dir); each task's config sets its own default."""
+
+    seed: int = 1
+    """Seed of the initial weights and of every batch's RNG (from seed, epoch and batch index). XLS-R: 1.
+    fairseq ``common.seed``."""
+
+    device: str = "auto"
+    """auto: cuda if available, else cpu; or a torch device name (on cuda each rank takes its LOCAL_RANK's GPU)."""
+
+    precision: str = "fp32"
+    """fp32 | bf16 | fp16: autocast dtype of the forward (weights stay fp32; fp16 adds loss scaling). The XLS-R run
+    used fairseq's fp16 (``common.fp16``)."""
+
+    max_epoch: int = 0
+    """Stop after this many epochs; 0 = no limit (stop at ``optim.max_update``). fairseq ``optimization.max_epoch``."""
+
+    max_time_minutes: float = 0.0
+    """Stop cleanly, with a checkpoint, after this much wall time; 0 = no limit. (fairseq's
+    ``optimization.stop_time_hours``, in hours.)"""
+
+    stop_at_update: int = 0
+    """Stop cleanly (with a checkpoint) at this update without changing the LR schedule; 0 = no."""
+
+    log_interval: int = 10
+    """Updates between "train" log lines (the first and last update are always logged). XLS-R: 200.
+    fairseq ``common.log_interval``."""
+
+    validate_interval_updates: int = 0
+    """Validate every this many updates (then not at epoch ends); 0 = at the end of every epoch only.
+    fairseq ``dataset.validate_interval_updates``."""
+
+    validate_after_updates: int = 0
+    """No validation before this update (neither at the interval nor at epoch ends).
+    fairseq ``dataset.validate_after_updates``."""
+
+    max_valid_batches: int = 0
+    """Validate on at most this many batches per rank; 0 = the whole valid set.
+    (fairseq ``dataset.max_valid_steps``.)"""
+
+    tensorboard: bool = True
+    """Also write tensorboard event files to ``output_dir/tensorboard`` (when tensorboard is installed)."""
+
+    progress_bar: bool = True
+    """Show a tqdm progress bar on rank 0 (fairseq: ``common.no_progress_bar``, inverted)."""
+
+    threads: int = 0
+    """torch.set_num_threads (CPU intra-op threads); 0 = leave torch's default."""
 
 
 # Package data (declared in pyproject.toml), so a wheel install finds it too; shared by the package's hydra apps.
