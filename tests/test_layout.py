@@ -108,3 +108,13 @@ def test_the_engine_imports_no_task_and_fine_tuning_nothing_of_pretraining():
     for ctc in ("xlsr.tasks.ctc", "xlsr.finetune.config", "xlsr.finetune.data", "xlsr.finetune.labels"):
         found = sorted(m for m in reachable(graph, ctc) if m.startswith(pretraining))
         assert not found, f"the fine-tuning module {ctc} imports {found}"
+
+
+def test_the_engine_asks_the_loader_not_its_parts():
+    """The loop reads a loader's counts and position through its own interface (``total_batches``, ``num_skipped``,
+    ``set_epoch``), never its sampler or dataset, so another data source can plug in."""
+    for path in sorted((XLSR / "training").glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        reached = sorted({node.attr for node in ast.walk(tree)
+                          if isinstance(node, ast.Attribute) and node.attr in ("batch_sampler", "dataset", "sampler")})
+        assert not reached, f"{path.name} reaches into a loader: {reached}"

@@ -612,8 +612,32 @@ def build_dataloader(
                           start_batch=start_batch, shuffle=shuffle)
 
 
+class BatchLoader(DataLoader):
+    """A DataLoader of length-bucketed batches (a :class:`LengthBatchSampler` over a dataset with ``sizes``,
+    ``set_epoch`` and ``num_skipped``): what the training engine asks a loader, without reaching into it.
+
+    Iterating yields this rank's batches (None for a rank without one in the last round, or for a batch of
+    unreadable files only)."""
+
+    @property
+    def total_batches(self) -> int:
+        """This rank's batches in the current epoch, the ones already done included."""
+        return self.batch_sampler.total_batches
+
+    @property
+    def num_skipped(self) -> int:
+        """Unreadable files skipped so far."""
+        return self.dataset.num_skipped
+
+    def set_epoch(self, epoch: int, start_batch: int = 0, skip_global: int = 0) -> None:
+        """Move to ``epoch``, iterating from this rank's batch ``start_batch`` after the epoch's first
+        ``skip_global`` batches of all ranks (``LengthBatchSampler.set_epoch``)."""
+        self.dataset.set_epoch(epoch)
+        self.batch_sampler.set_epoch(epoch, self.dataset.sizes, start=start_batch, skip_global=skip_global)
+
+
 def batched_loader(dataset, cfg, *, seed: int, epoch: int, rank: int, world_size: int, start_batch: int,
-                   shuffle: bool) -> DataLoader:
+                   shuffle: bool) -> BatchLoader:
     """A DataLoader over ``dataset`` (with ``sizes`` and ``collater``) in this rank's length-bucketed batches of at
     most ``cfg.max_tokens`` samples (``LengthBatchSampler``), from batch ``start_batch``."""
     sampler = LengthBatchSampler(
@@ -627,7 +651,7 @@ def batched_loader(dataset, cfg, *, seed: int, epoch: int, rank: int, world_size
         required_batch_size_multiple=cfg.required_batch_size_multiple,
         start=start_batch,
     )
-    return DataLoader(
+    return BatchLoader(
         dataset,
         batch_sampler=sampler,
         collate_fn=dataset.collater,
@@ -636,10 +660,6 @@ def batched_loader(dataset, cfg, *, seed: int, epoch: int, rank: int, world_size
     )
 
 
-def set_loader_epoch(loader: DataLoader, epoch: int, start_batch: int = 0, skip_global: int = 0) -> None:
-    """Move a loader from :func:`build_dataloader` to ``epoch``, iterating from ``start_batch`` after the epoch's
-    first ``skip_global`` batches (``LengthBatchSampler.set_epoch``)."""
-    dataset: AudioDataset = loader.dataset
-    sampler: LengthBatchSampler = loader.batch_sampler
-    dataset.set_epoch(epoch)
-    sampler.set_epoch(epoch, dataset.sizes, start=start_batch, skip_global=skip_global)
+def set_loader_epoch(loader: BatchLoader, epoch: int, start_batch: int = 0, skip_global: int = 0) -> None:
+    """``loader.set_epoch(...)`` (:meth:`BatchLoader.set_epoch`)."""
+    loader.set_epoch(epoch, start_batch, skip_global)

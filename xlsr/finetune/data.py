@@ -43,6 +43,7 @@ __all__ = [
     "collate_ctc",
     "ctc_min_frames",
     "ctc_feasible",
+    "FrameCounter",
     "frames_of",
     "build_finetune_dataloader",
     "set_loader_epoch",
@@ -145,7 +146,7 @@ def ctc_feasible(num_frames: int, target: Sequence[int] | torch.Tensor | np.ndar
     return int(num_frames) >= ctc_min_frames(target)
 
 
-class frames_of:
+class FrameCounter:
     """Samples -> encoder frames for a conv stack ``[(dim, kernel, stride), ...]`` (``Wav2Vec2Config.conv_layers``),
     on integers or integer numpy arrays, for the ``num_frames`` argument of :class:`LabelledAudioDataset`
     (a class, not a closure, so that it pickles to DataLoader workers)."""
@@ -155,6 +156,9 @@ class frames_of:
 
     def __call__(self, num_samples):
         return np.maximum(conv_output_length(np.asarray(num_samples, dtype=np.int64), self.conv_layers), 0)
+
+
+frames_of = FrameCounter  # the old name
 
 
 # ---------------------------------------------------------------------- dataset
@@ -170,7 +174,7 @@ class LabelledAudioDataset(Dataset):
 
     Items are left out (each reason counted in one warning naming the first few files, all kept in ``dropped``)
     when: longer than ``max_sample_size``; the transcript is empty and ``skip_empty``; and, given ``num_frames``
-    (samples -> encoder frames, e.g. :func:`frames_of`), too short for one frame (empty files included: an
+    (samples -> encoder frames, e.g. :class:`FrameCounter`), too short for one frame (empty files included: an
     utterance without frames has nothing to attend to), and with ``drop_infeasible`` too short for their
     transcript under CTC. With ``num_frames`` but not ``drop_infeasible``, those are only counted
     (``infeasible``) and warned about. Indices ``i`` are positions in the current epoch; ``__getitem__(i)`` returns ``{"id": i, "source":
@@ -412,7 +416,7 @@ def build_finetune_dataloader(
     the last round getting an empty batch (collated to None: a zero-weight pass); ``start_batch`` resumes an epoch;
     :func:`set_loader_epoch` moves to later epochs. ``dictionary``: a :class:`Dictionary`, a path, or None for
     ``dict.ltr.txt`` beside the (first) manifest. ``normalize`` is the model's choice, overridden by
-    ``cfg.normalize`` when set. ``num_frames`` (samples -> encoder frames, :func:`frames_of`) enables the CTC
+    ``cfg.normalize`` when set. ``num_frames`` (samples -> encoder frames, :class:`FrameCounter`) enables the CTC
     feasibility check (``cfg.drop_infeasible``). Items longer than ``cfg.max_tokens`` are dropped with a warning.
     """
     check_finetune_data_config(cfg)

@@ -19,7 +19,7 @@ import torch
 from xlsr.checkpoints.ctc import is_ctc_checkpoint
 from xlsr.ctc import CTCOutput, Wav2Vec2ForCTC
 from xlsr.finetune.config import FineTuneConfig
-from xlsr.finetune.data import build_finetune_dataloader, frames_of
+from xlsr.finetune.data import FrameCounter, build_finetune_dataloader
 from xlsr.finetune.labels import dictionary_path, read_labels
 from xlsr.vocabulary import Dictionary, letters_to_words
 from xlsr.finetune.wer import error_counts
@@ -188,7 +188,7 @@ class CTCTask(Task):
         return build_finetune_dataloader(
             self.cfg.data, manifest, self.dictionary, normalize=t.model_cfg.normalize, seed=self.cfg.seed,
             epoch=epoch, rank=t.rank, world_size=t.world_size, start_batch=start_batch, shuffle=shuffle,
-            num_frames=frames_of(t.model_cfg.conv_layers),
+            num_frames=FrameCounter(t.model_cfg.conv_layers),
         )
 
     def forward_and_loss(self, model, batch: dict, source, padding_mask, layer_keep) -> tuple[CTCOutput, CTCLoss]:

@@ -87,7 +87,8 @@ class Task(ABC):
     @abstractmethod
     def build_loader(self, manifest: str, epoch: int, start_batch: int = 0, shuffle: bool = True):
         """A loader of this rank's batches of ``manifest`` (``None`` for a rank without a batch), positioned at
-        ``start_batch`` of ``epoch``."""
+        ``start_batch`` of ``epoch``: iterable, with ``total_batches``, ``num_skipped`` and ``set_epoch(epoch,
+        start_batch, skip_global)`` (:class:`xlsr.data.audio_dataset.BatchLoader`)."""
 
     @abstractmethod
     def forward_and_loss(self, model: nn.Module, batch: dict, source, padding_mask, layer_keep) -> tuple[Any, Any]:

@@ -37,7 +37,6 @@ from tqdm import tqdm
 
 from xlsr.checkpoints.sharded import load_full_into, load_sharded_into, save_sharded
 from xlsr.config import Wav2Vec2Config
-from xlsr.data.audio_dataset import set_loader_epoch
 from xlsr.files import write_text_atomic
 from xlsr.model import Wav2Vec2Model
 from xlsr.training import checkpointing, run_lock
@@ -200,7 +199,7 @@ class Trainer:
         self.train_loader = self.task.build_loader(cfg.data.manifest, epoch=self.epoch,
                                               start_batch=self.batches_done_in_epoch)
         if self.epoch_offset:
-            set_loader_epoch(self.train_loader, self.epoch, self.batches_done_in_epoch, skip_global=self.epoch_offset)
+            self.train_loader.set_epoch(self.epoch, self.batches_done_in_epoch, skip_global=self.epoch_offset)
         self.valid_loader = None
         if cfg.data.valid_manifest:
             self.valid_loader = self.task.build_loader(cfg.data.valid_manifest, epoch=1, shuffle=False)
@@ -496,7 +495,7 @@ class Trainer:
         last: dict[str, Any] = {}
         while (reason := self._stop_reason(start_time)) is None:  # one pass = (the rest of) one epoch
             self._epoch_data_batches = 0
-            batches_left = self.batches_done_in_epoch < self.train_loader.batch_sampler.total_batches
+            batches_left = self.batches_done_in_epoch < self.train_loader.total_batches
             for group in self._update_groups():
                 # 1. forward + backward of each micro-batch, then the optimizer update
                 record = self.train_step(group)
@@ -515,7 +514,7 @@ class Trainer:
                 if self._stop_reason(start_time) is not None:
                     break
             # 3. the epoch's summary line; the next epoch if this one is done
-            complete = self.batches_done_in_epoch >= self.train_loader.batch_sampler.total_batches
+            complete = self.batches_done_in_epoch >= self.train_loader.total_batches
             loaded_none = self._epoch_data_batches == 0 and not self.epoch_totals.values["num_batches"]
             if batches_left and complete and loaded_none:
                 raise RuntimeError(f"epoch {self.epoch}: no batch of {cfg.data.manifest} could be loaded")
@@ -557,7 +556,7 @@ class Trainer:
         if self.epoch_totals.values["num_batches"] > 0:
             record = self.task.record(self.epoch_totals.values)
             record.update(epoch=self.epoch, complete=complete, updates=self._epoch_updates,
-                          skipped_files=self.train_loader.dataset.num_skipped)
+                          skipped_files=self.train_loader.num_skipped)
             self.metrics.log("epoch", self.num_updates, record)
         self.epoch_totals = self.task.new_totals()
         self._epoch_updates = 0
@@ -568,7 +567,7 @@ class Trainer:
         self.epoch += 1
         self.batches_done_in_epoch = 0
         self.epoch_offset = 0
-        set_loader_epoch(self.train_loader, self.epoch)
+        self.train_loader.set_epoch(self.epoch)
 
     def _autocast(self):
         if self.autocast_dtype is None:
