@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from xlsr.checkpoints.errors import CheckpointError
-from xlsr.checkpoints.files import read_json_object
+from xlsr.checkpoints.reading import read_json_object
 from xlsr.checkpoints.hub import resolve_checkpoint_path
 from xlsr.checkpoints.safe_loading import safe_torch_load
 from xlsr.checkpoints.fairseq import read_fairseq_checkpoint

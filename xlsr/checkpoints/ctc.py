@@ -39,7 +39,7 @@ from torch import nn
 from xlsr.checkpoints import detect_format, load_state_dict_checked, read_checkpoint
 from xlsr.checkpoints.errors import CheckpointError
 from xlsr.checkpoints.fairseq import _as_dict, config_from_fairseq, state_dict_from_fairseq
-from xlsr.checkpoints.files import read_json_object, read_safetensors
+from xlsr.checkpoints.reading import read_json_object, read_safetensors
 from xlsr.checkpoints.hub import resolve_checkpoint_path
 from xlsr.checkpoints.huggingface import (
     CONFIG_NAME,

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from xlsr.checkpoints.errors import CheckpointError
-from xlsr.checkpoints.files import read_json_object, read_safetensors
+from xlsr.checkpoints.reading import read_json_object, read_safetensors
 from xlsr.checkpoints.keymap import fuse_qkv, rename, split_qkv
 from xlsr.checkpoints.safe_loading import check_file, load_weights_only
 from xlsr.config import Wav2Vec2Config

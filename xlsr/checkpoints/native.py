@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from xlsr.checkpoints.errors import CheckpointError
-from xlsr.checkpoints.files import read_json_object, read_safetensors
+from xlsr.checkpoints.reading import read_json_object, read_safetensors
 from xlsr.config import Wav2Vec2Config
 
 MODEL_TYPE = "xlsr-wav2vec2"
