@@ -379,3 +379,14 @@ def test_convert_ctc(convert, tmp_path, capsys, lone_checkpoint, to):
         out = model(inputs["source"], inputs["padding_mask"])
     assert relative_max_diff(out.logits, expected["logits"], ~expected["frame_padding_mask"]) <= TOL
     assert model.decode(out) == expected["greedy_text"]
+
+
+def test_the_ctc_encoder_is_built_without_the_pretraining_head():
+    """Wav2Vec2ForCTC builds its encoder without quantizer / project_q / final_proj (not built then dropped); its
+    state-dict keys are the pretrained model's without that head, under ``wav2vec2.``, and ``lm_head.*``."""
+    cfg = xlsr.CTCConfig(encoder=xlsr.Wav2Vec2Config.from_preset("tiny"), vocab_size=8)
+    model = xlsr.Wav2Vec2ForCTC(cfg)
+    assert model.wav2vec2.quantizer is None and model.wav2vec2.project_q is None and model.wav2vec2.final_proj is None
+    head = ("quantizer.", "project_q.", "final_proj.")
+    pretrained = [k for k in xlsr.Wav2Vec2Model(cfg.encoder).state_dict() if not k.startswith(head)]
+    assert list(model.state_dict()) == [f"wav2vec2.{k}" for k in pretrained] + ["lm_head.weight", "lm_head.bias"]

@@ -8,8 +8,8 @@ waveform (B, S)
                                                  (B, T, V)   "log_probs"
 
 ``ctc_loss`` is fairseq's CTC criterion, ``decode`` its greedy (viterbi) decoding with the "letter" post-processing.
-The encoder's pretraining head (quantizer, project_q, final_proj) is removed, as fairseq's
-``remove_pretraining_modules`` does; state-dict keys are ``wav2vec2.*`` (the encoder's own keys) and ``lm_head.*``.
+The encoder is built without the pretraining head (quantizer, project_q, final_proj), as fairseq's
+``remove_pretraining_modules`` leaves it; state-dict keys are ``wav2vec2.*`` (the encoder's own keys) and ``lm_head.*``.
 """
 
 from __future__ import annotations
@@ -83,11 +83,7 @@ class Wav2Vec2ForCTC(nn.Module):
             repeated = sorted({s for s in vocab if vocab.count(s) > 1})
             raise ValueError(f"vocabulary symbols must be distinct; repeated: {repeated}")
         self.vocab: list[str] = nfc_vocab(vocab)
-        self.wav2vec2 = Wav2Vec2Model(cfg.encoder)
-        # the pretraining head is not used (fairseq's remove_pretraining_modules)
-        self.wav2vec2.quantizer = None
-        self.wav2vec2.project_q = None
-        self.wav2vec2.final_proj = None
+        self.wav2vec2 = Wav2Vec2Model(cfg.encoder, pretraining_head=False)  # (fairseq's remove_pretraining_modules)
         self.final_dropout = nn.Dropout(cfg.final_dropout)
         self.lm_head = nn.Linear(cfg.encoder.encoder_embed_dim, cfg.vocab_size)
         nn.init.xavier_uniform_(self.lm_head.weight)  # fairseq's Linear()

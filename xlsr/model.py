@@ -63,9 +63,15 @@ class PretrainingOutput:
 
 
 class Wav2Vec2Model(nn.Module):
-    """The wav2vec 2.0 / XLS-R model: encoder for feature extraction plus the pretraining head."""
+    """The wav2vec 2.0 / XLS-R model: encoder for feature extraction plus the pretraining head.
 
-    def __init__(self, cfg: Wav2Vec2Config):
+    Args:
+        cfg: the architecture.
+        pretraining_head: build the quantizer, ``project_q`` and ``final_proj`` (pretraining needs them; a
+            downstream head on the encoder does not: they are then None and not in the state dict).
+    """
+
+    def __init__(self, cfg: Wav2Vec2Config, *, pretraining_head: bool = True):
         super().__init__()
         self.cfg = cfg
         self.feature_extractor = FeatureEncoder(cfg.conv_layers, cfg.extractor_mode, cfg.conv_bias)
@@ -86,11 +92,15 @@ class Wav2Vec2Model(nn.Module):
             layerdrop=cfg.encoder_layerdrop,
             layer_norm_first=cfg.layer_norm_first,
         )
-        self.quantizer = GumbelVectorQuantizer(
-            cfg.conv_dim, cfg.latent_vars, cfg.latent_groups, cfg.codebook_dim, cfg.latent_temp
-        )
-        self.project_q = nn.Linear(cfg.codebook_dim, cfg.proj_dim)
-        self.final_proj = nn.Linear(cfg.encoder_embed_dim, cfg.proj_dim)
+        self.quantizer: GumbelVectorQuantizer | None = None
+        self.project_q: nn.Linear | None = None
+        self.final_proj: nn.Linear | None = None
+        if pretraining_head:
+            self.quantizer = GumbelVectorQuantizer(
+                cfg.conv_dim, cfg.latent_vars, cfg.latent_groups, cfg.codebook_dim, cfg.latent_temp
+            )
+            self.project_q = nn.Linear(cfg.codebook_dim, cfg.proj_dim)
+            self.final_proj = nn.Linear(cfg.encoder_embed_dim, cfg.proj_dim)
         # fast path for the logits (xlsr/kernels/contrastive.py, the same numbers); False = contrastive_logits below
         self.indexed_logits = True
 
@@ -304,7 +314,8 @@ class Wav2Vec2Model(nn.Module):
 
     def set_num_updates(self, num_updates: int) -> None:
         """Advance the Gumbel temperature schedule (call once per optimizer update)."""
-        self.quantizer.set_num_updates(num_updates)
+        if self.quantizer is not None:
+            self.quantizer.set_num_updates(num_updates)
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod
