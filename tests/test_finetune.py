@@ -36,7 +36,7 @@ def overrides(digits, out, *extra):
         f"model.init_from={pretrained}", f"data.manifest={manifest}", f"output_dir={out}", "data.num_workers=0",
         "data.max_tokens=200000", "log_interval=1", "progress_bar=false", "tensorboard=false",
         "model.freeze_finetune_updates=0", "model.mask_prob=0.05", "model.mask_channel_prob=0.0",
-        "model.layerdrop=0.0", "optim.lr=5e-3", *extra,
+        "model.encoder_layerdrop=0.0", "optim.lr=5e-3", *extra,
     ]
     return list({setting.split("=")[0]: setting for setting in settings}.values())
 
@@ -119,7 +119,7 @@ def test_two_processes_match_gradient_accumulation(digits, tmp_path, strategy, l
     stack; with LayerDrop the decisions are the update's, the same for both micro-batches and both ranks), and
     their validation (7 batches: one rank has an empty last one, FSDP then runs a dummy forward) gives the same."""
     common = ("optim.max_update=4", "checkpoint.save_interval_updates=4", "distributed.backend=gloo", "device=cpu",
-              "threads=1", "data.max_tokens=50000", f"model.layerdrop={layerdrop}",  # 7 batches per epoch
+              "threads=1", "data.max_tokens=50000", f"model.encoder_layerdrop={layerdrop}",  # 7 batches per epoch
               f"data.valid_manifest={digits[0]}", "validate_interval_updates=2")
     single = run(compose_config(overrides(digits, tmp_path / "single", *common, "optim.update_freq=2")))
     assert single.train_loader.batch_sampler.total_batches % 2 == 1 and single.epoch > 1

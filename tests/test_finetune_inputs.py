@@ -32,7 +32,7 @@ def overrides(manifest: Path, init_from: Path, out: Path, *extra: str) -> list[s
         f"model.init_from={init_from}", f"data.manifest={manifest}", f"output_dir={out}", "data.num_workers=0",
         "data.max_tokens=200000", "log_interval=1", "progress_bar=false", "tensorboard=false", "device=cpu",
         "model.freeze_finetune_updates=0", "model.mask_prob=0.05", "model.mask_channel_prob=0.0",
-        "model.layerdrop=0.0", "optim.lr=5e-3", "optim.max_update=2", *extra,
+        "model.encoder_layerdrop=0.0", "optim.lr=5e-3", "optim.max_update=2", *extra,
     ]
     return list({setting.split("=")[0]: setting for setting in settings}.values())
 
