@@ -12,8 +12,8 @@ three differences that matter for long runs:
   None), which the trainer runs as a zero-weight pass, as fairseq's dummy batch;
 * bad files are reported by path, and either skipped (``skip_bad``) or refused up front.
 
-Batch layout (:func:`collate`): ``{"id": (B,) int64, "source": (B, S) float32,
-"padding_mask": (B, S) bool (True = padding) or None}``.
+Batches (:func:`collate`) are :class:`xlsr.data.batch.AudioBatch`: ``source`` (B, S) float32, ``padding_mask``
+(B, S) bool (True = padding) or None, ``ids`` (B,) int64.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from xlsr.audio import AudioError, AudioWarning, audio_info, load_audio, normalize_waveform
+from xlsr.data.batch import AudioBatch
 from xlsr.manifest import read_manifest
 
 logger = logging.getLogger(__name__)
@@ -411,20 +412,20 @@ class AudioDataset(Dataset):
         wav = _random_crop(wav, int(self.sizes[i]), _item_rng(self.seed, self.epoch, i, _CROP_IN_ITEM))
         return {"id": i, "source": wav}
 
-    def collater(self, samples: list[Optional[dict]]) -> Optional[dict]:
+    def collater(self, samples: list[Optional[dict]]) -> Optional[AudioBatch]:
         """:func:`collate` with this dataset's ``pad``, seed and epoch."""
         return collate(samples, self.pad, seed=self.seed, epoch=self.epoch)
 
 
-def collate(samples: list[Optional[dict]], pad: bool, *, seed: int = 0, epoch: int = 0) -> Optional[dict]:
+def collate(samples: list[Optional[dict]], pad: bool, *, seed: int = 0, epoch: int = 0) -> Optional[AudioBatch]:
     """Stack items into a batch; None items (skipped files) are dropped.
 
     ``pad=False`` randomly crops every item to the shortest one (offset seeded by
     ``(seed, epoch, id)``); ``pad=True`` zero-pads to the longest.
 
     Returns:
-        ``{"id": (B,) int64, "source": (B, S) float32, "padding_mask": (B, S) bool or None}``
-        (``True`` = padding), or None when no item is left.
+        an :class:`AudioBatch` (``ids`` (B,), ``source`` (B, S), ``padding_mask`` (B, S) with True = padding, or
+        None when ``pad=False``), or None when no item is left.
     """
     samples = [s for s in samples if s is not None and s.get("source") is not None]
     if not samples:
@@ -441,7 +442,7 @@ def collate(samples: list[Optional[dict]], pad: bool, *, seed: int = 0, epoch: i
         if padding_mask is not None:
             padding_mask[row, length:] = True
     ids = torch.tensor([int(s["id"]) for s in samples], dtype=torch.long)
-    return {"id": ids, "source": source, "padding_mask": padding_mask}
+    return AudioBatch(source=source, padding_mask=padding_mask, ids=ids)
 
 
 class LengthBatchSampler(Sampler[list[int]]):

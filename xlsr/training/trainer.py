@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from xlsr.checkpoints.sharded import load_full_into, load_sharded_into, save_sharded
 from xlsr.config import Wav2Vec2Config
+from xlsr.data.batch import AudioBatch
 from xlsr.files import write_text_atomic
 from xlsr.model import Wav2Vec2Model
 from xlsr.training import checkpointing, run_lock
@@ -203,7 +204,7 @@ class Trainer:
         self.valid_loader = None
         if cfg.data.valid_manifest:
             self.valid_loader = self.task.build_loader(cfg.data.valid_manifest, epoch=1, shuffle=False)
-        self._dummy_batch: dict | None = None  # what a rank without a batch runs at zero weight (DDP, FSDP)
+        self._dummy_batch: AudioBatch | None = None  # what a rank without a batch runs at zero weight (DDP, FSDP)
         self.epoch_totals = self.task.new_totals()  # this epoch's updates, for the end-of-epoch line
         self._epoch_updates = 0
         self._epoch_data_batches = 0  # batches with data this rank ran in this pass over the epoch
@@ -579,7 +580,7 @@ class Trainer:
         self.layerdrop_generator.manual_seed(_batch_seed(self.cfg.seed + 7, self.num_updates, 0))
         return self.encoder_model().encoder.sample_layer_keep(self.layerdrop_generator)
 
-    def _dummy(self) -> dict:
+    def _dummy(self) -> AudioBatch:
         """A batch for a rank that has none (run at zero weight): the first it trained, else seeded noise, made
         valid for the task (:meth:`Task.dummy_batch`)."""
         if self._dummy_batch is None:
@@ -588,10 +589,10 @@ class Trainer:
             if data.max_sample_size:
                 length = min(length, data.max_sample_size)
             noise = torch.randn(1, length, generator=torch.Generator().manual_seed(0))
-            self._dummy_batch = {"id": torch.zeros(1, dtype=torch.long), "source": noise, "padding_mask": None}
+            self._dummy_batch = AudioBatch(source=noise, padding_mask=None, ids=torch.zeros(1, dtype=torch.long))
         return self.task.dummy_batch(self._dummy_batch)
 
-    def train_step(self, group: list[tuple[int, dict | None]]) -> dict[str, float] | None:
+    def train_step(self, group: list[tuple[int, AudioBatch | None]]) -> dict[str, float] | None:
         """One optimizer update over ``update_freq`` micro-batches (gradients summed, then normalised by the
         number of masked frames of all of them on all ranks). Returns the update's record, or None when no update
         was made (fp16 overflow, or not one usable batch on any rank)."""
@@ -616,16 +617,15 @@ class Trainer:
             torch.manual_seed(_batch_seed(cfg.seed, self.epoch, global_index))
             last_micro = micro_step == len(group) - 1
             sync = contextlib.nullcontext() if (self.ddp_model is None or last_micro) else self.ddp_model.no_sync()
-            source, padding_mask = self._to_device(batch)
+            batch = batch.to(self.device, non_blocking=True)
             with sync:
                 with self._autocast():
-                    out, loss = self.task.forward_and_loss(self.forward_model, batch, source, padding_mask,
-                                                           layer_keep)
+                    out, loss = self.task.forward_and_loss(self.forward_model, batch, layer_keep)
                 if self.step_in_backward is not None:  # one micro-batch, one process: its sample size is final
                     self.step_in_backward.grad_scale = gradient_scale(self.world_size, loss.sample_size)
                 self.scaler.scale(loss.total * weight).backward()
             if weight:
-                totals.add(loss, out, audio_seconds=self._audio_seconds(source, padding_mask))
+                totals.add(loss, out, audio_seconds=batch.audio_seconds(self.model_cfg.sample_rate))
 
         # the update: normalised by the masked frames of all micro-batches on all ranks
         stats = totals.all_reduce(self.world_size, self.device)
@@ -658,18 +658,6 @@ class Trainer:
         self.task.check_health(record)
         return record
 
-    def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A collated batch's (source (B, S), padding_mask (B, S) or None) on the training device."""
-        padding_mask = batch["padding_mask"]
-        if padding_mask is not None:
-            padding_mask = padding_mask.to(self.device, non_blocking=True)
-        return batch["source"].to(self.device, non_blocking=True), padding_mask
-
-    def _audio_seconds(self, source: torch.Tensor, padding_mask: torch.Tensor | None) -> float:
-        """Seconds of audio in a batch (B, S), padding not counted."""
-        samples = source.numel() - (int(padding_mask.sum()) if padding_mask is not None else 0)
-        return samples / self.model_cfg.sample_rate
-
     def _scheduled_validation(self) -> None:
         """A validation the schedule asks for (interval or epoch end): none before ``validate_after_updates``;
         its model kept in ``best/`` when it is the best so far."""
@@ -690,16 +678,14 @@ class Trainer:
                 break
             if batch is None:
                 if self.sharded:  # the other ranks' forwards all-gather parameters with this one
-                    dummy = self._dummy()
-                    source, padding_mask = self._to_device(dummy)
                     with self._autocast():
-                        self.task.forward_and_loss(self.model, dummy, source, padding_mask, None)
+                        self.task.forward_and_loss(self.model, self._dummy().to(self.device), None)
                 continue
             torch.manual_seed(_batch_seed(self.cfg.seed, 0, index * self.world_size + self.rank))
-            source, padding_mask = self._to_device(batch)
+            batch = batch.to(self.device, non_blocking=True)
             with self._autocast():
-                out, loss = self.task.forward_and_loss(self.model, batch, source, padding_mask, None)
-            totals.add(loss, out, audio_seconds=self._audio_seconds(source, padding_mask))
+                out, loss = self.task.forward_and_loss(self.model, batch, None)
+            totals.add(loss, out, audio_seconds=batch.audio_seconds(self.model_cfg.sample_rate))
             self.task.validation_batch_done(batch, out)
         stats = totals.all_reduce(self.world_size, self.device)
         record = self.task.record(stats)
