@@ -22,6 +22,7 @@ from xlsr.data.audio_dataset import (
     set_loader_epoch,
 )
 from xlsr.data.batch import AudioBatch, CTCBatch
+from xlsr.data.source import UtteranceSource
 
 SR = 16000
 
@@ -485,3 +486,38 @@ def test_alpha_weights_corpora_by_duration_not_file_count(tmp_path):
     counts = corpus_counts(dataset)
     expected = [round(10 * target[0] / share[0]), round(30 * target[1] / share[1])]
     assert counts.tolist() == expected
+
+
+def test_loader_state_dict_resumes_where_the_batches_handed_out_end(tmp_path):
+    """The loader's position counts what it handed out (not what its workers prefetched); a fresh loader given its
+    state_dict yields exactly the rest of the epoch; a state of 1 rank on 2 ranks continues at the first global
+    batch not handed out; a checkpoint's keys without ``num_replicas`` / ``epoch_offset`` (older runs) load."""
+    lengths = list(np.random.default_rng(1).integers(600, 4000, 24))
+    manifest, _ = make_corpus(tmp_path / "d", lengths)
+    cfg = DataConfig(manifest=manifest, min_sample_size=500, max_sample_size=3000, max_tokens=9000, num_workers=2)
+    full = [b.ids.tolist() for b in build_dataloader(cfg, manifest, normalize=False, seed=5, epoch=2)]
+    assert len(full) >= 6
+    loader = build_dataloader(cfg, manifest, normalize=False, seed=5, epoch=2)
+    assert isinstance(loader.dataset, UtteranceSource) and loader.dataset.key(0) == loader.dataset.path(0)
+    seen = []
+    for batch in loader:
+        seen.append(batch.ids.tolist())
+        if len(seen) == 4:
+            break
+    assert seen == full[:4]
+    state = loader.state_dict()
+    assert state == {"epoch": 2, "batches_done_in_epoch": 4, "epoch_offset": 0, "num_replicas": 1}
+    fresh = build_dataloader(cfg, manifest, normalize=False, seed=5, epoch=0)
+    fresh.load_state_dict(state)
+    assert [b.ids.tolist() for b in fresh] == full[4:] and fresh.position == len(full)
+    old = build_dataloader(cfg, manifest, normalize=False, seed=5, epoch=0)
+    old.load_state_dict({"epoch": 2, "batches_done_in_epoch": 4})  # a checkpoint written before the offset
+    assert [b.ids.tolist() for b in old] == full[4:]
+    ranks = [build_dataloader(cfg, manifest, normalize=False, seed=5, epoch=0, rank=r, world_size=2) for r in (0, 1)]
+    for rank_loader in ranks:
+        rank_loader.load_state_dict(state)
+    rest = [[b.ids.tolist() if b is not None else None for b in rank_loader] for rank_loader in ranks]
+    interleaved = [rest[r][s] for s in range(len(rest[0])) for r in (0, 1)]
+    assert [ids for ids in interleaved if ids is not None] == full[4:]
+    assert [ranks[0].global_index(p) for p in range(2)] == [4, 6] and ranks[1].global_index(0) == 5
+    assert ranks[1].state_dict()["epoch_offset"] == 4 and ranks[1].state_dict()["num_replicas"] == 2

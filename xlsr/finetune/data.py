@@ -349,6 +349,10 @@ class LabelledAudioDataset(Dataset):
     def __len__(self) -> int:
         return len(self._keep)
 
+    def key(self, i: int) -> str:
+        """A stable key of item ``i``: its file's path."""
+        return self.path(i)
+
     def path(self, i: int) -> str:
         """File path of item ``i`` of this epoch."""
         return self.audio.path(int(self._keep[i]))

@@ -88,8 +88,10 @@ class Task(ABC):
     @abstractmethod
     def build_loader(self, manifest: str, epoch: int, start_batch: int = 0, shuffle: bool = True):
         """A loader of this rank's batches of ``manifest`` (``None`` for a rank without a batch), positioned at
-        ``start_batch`` of ``epoch``: iterable, with ``total_batches``, ``num_skipped`` and ``set_epoch(epoch,
-        start_batch, skip_global)`` (:class:`xlsr.data.audio_dataset.BatchLoader`)."""
+        ``start_batch`` of ``epoch``: a :class:`xlsr.data.audio_dataset.BatchLoader` (iterable, with
+        ``total_batches``, ``num_skipped``, ``set_epoch``, ``position``, ``global_index`` and ``state_dict`` /
+        ``load_state_dict``, by which the engine resumes), usually ``batched_loader`` over the task's
+        :class:`~xlsr.data.source.UtteranceSource`."""
 
     @abstractmethod
     def forward_and_loss(self, model: nn.Module, batch: AudioBatch, layer_keep: list[bool] | None

@@ -182,8 +182,7 @@ class Trainer:
 
         self.num_updates = 0
         self.epoch = 1
-        self.batches_done_in_epoch = 0  # per rank after epoch_offset, padding batches included
-        self.epoch_offset = 0  # the epoch's global batches trained by an earlier run with another number of ranks
+        self._resume_position: dict[str, int] | None = None  # the training loader's position in a checkpoint
         self.layerdrop_generator = torch.Generator()
         self.metrics = MetricsLog(self.output_dir, enabled=self.is_main, tensorboard=cfg.tensorboard,
                                   headline=self.task.HEADLINE)
@@ -197,10 +196,9 @@ class Trainer:
         self.metrics.open()
         self.model.set_num_updates(self.num_updates)
 
-        self.train_loader = self.task.build_loader(cfg.data.manifest, epoch=self.epoch,
-                                              start_batch=self.batches_done_in_epoch)
-        if self.epoch_offset:
-            self.train_loader.set_epoch(self.epoch, self.batches_done_in_epoch, skip_global=self.epoch_offset)
+        self.train_loader = self.task.build_loader(cfg.data.manifest, epoch=self.epoch)
+        if self._resume_position is not None:
+            self.train_loader.load_state_dict(self._resume_position)
         self.valid_loader = None
         if cfg.data.valid_manifest:
             self.valid_loader = self.task.build_loader(cfg.data.valid_manifest, epoch=1, shuffle=False)
@@ -334,7 +332,8 @@ class Trainer:
         """Everything in a checkpoint but model and optimizer (a sharded checkpoint's ``trainer_state.pt``)."""
         return checkpointing.progress_state(
             self.model.cfg.to_dict(), self.scaler, num_updates=self.num_updates, epoch=self.epoch,
-            batches_done_in_epoch=self.batches_done_in_epoch, epoch_offset=self.epoch_offset,
+            batches_done_in_epoch=self.train_loader.position,
+            epoch_offset=self.train_loader.state_dict()["epoch_offset"],
             config=OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True), best=self.best,
         )
 
@@ -348,25 +347,23 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         self.num_updates, self.epoch, batches_done = checkpointing.restore_progress(state, self.scaler)
-        self.batches_done_in_epoch, self.epoch_offset = self._epoch_position(batches_done, state)
+        self._resume_position = self._loader_position(batches_done, state)
         best = state.get("best")
         self.best = best if best is not None and best["metric"] == self.cfg.checkpoint.best_metric else None
 
-    def _epoch_position(self, batches_done: int, state: dict[str, Any]) -> tuple[int, int]:
-        """(this rank's batches done after the offset, the epoch's offset) from a checkpoint written by
-        ``state["world_size"]`` ranks: with another number of ranks the epoch continues at the first global batch
-        not yet trained, every rank from there."""
+    def _loader_position(self, batches_done: int, state: dict[str, Any]) -> dict[str, int]:
+        """The training loader's position (:meth:`BatchLoader.load_state_dict`) in a checkpoint written by
+        ``state["world_size"]`` ranks: with another number of ranks the loader continues the epoch at its first
+        global batch not yet trained, every rank from there."""
         saved_world = int(state.get("world_size", self.world_size))
         saved_strategy = state.get("strategy", "ddp")
         offset = int(state.get("epoch_offset", 0))
-        if (saved_world, saved_strategy) == (self.world_size, self.cfg.distributed.strategy):
-            return batches_done, offset
-        global_done = offset + batches_done * saved_world  # every round before the position was complete
-        if self.is_main:
+        if (saved_world, saved_strategy) != (self.world_size, self.cfg.distributed.strategy) and self.is_main:
             logger.warning("resuming a checkpoint of %d rank(s) (%s) on %d rank(s) (%s): epoch %d continues at its "
                            "batch %d", saved_world, saved_strategy, self.world_size, self.cfg.distributed.strategy,
-                           self.epoch, global_done)
-        return 0, global_done
+                           self.epoch, offset + batches_done * saved_world)
+        return {"epoch": self.epoch, "batches_done_in_epoch": batches_done, "epoch_offset": offset,
+                "num_replicas": saved_world}
 
     def save_checkpoint(self) -> Path | None:
         if self.sharded:
@@ -457,19 +454,18 @@ class Trainer:
                     logger.warning("%s held an earlier run: moved its outputs to %s", self.output_dir, archive)
             if path is not None:
                 logger.info("resumed from %s at update %d (epoch %d, batch %d)", path, self.num_updates,
-                            self.epoch, self.batches_done_in_epoch)
+                            self.epoch, self._resume_position["batches_done_in_epoch"])
         if choice == "auto" and path is not None:
             self._saved_update = self.num_updates
         self._barrier()
 
     # ------------------------------------------------------------------ training
-    def _update_groups(self) -> Iterator[list[tuple[int, dict | None]]]:
+    def _update_groups(self) -> Iterator[list[tuple[int, AudioBatch | None]]]:
         """This rank's rest of the epoch as updates: lists of ``update_freq`` (global batch index, batch or None)."""
-        position = self.batches_done_in_epoch
-        group: list[tuple[int, dict | None]] = []
-        for batch in self.train_loader:
-            group.append((self.epoch_offset + position * self.world_size + self.rank, batch))
-            position += 1
+        loader = self.train_loader
+        group: list[tuple[int, AudioBatch | None]] = []
+        for batch in loader:
+            group.append((loader.global_index(loader.position - 1), batch))
             if len(group) == self.cfg.optim.update_freq:
                 yield group
                 group = []
@@ -496,11 +492,10 @@ class Trainer:
         last: dict[str, Any] = {}
         while (reason := self._stop_reason(start_time)) is None:  # one pass = (the rest of) one epoch
             self._epoch_data_batches = 0
-            batches_left = self.batches_done_in_epoch < self.train_loader.total_batches
+            batches_left = self.train_loader.position < self.train_loader.total_batches
             for group in self._update_groups():
                 # 1. forward + backward of each micro-batch, then the optimizer update
-                record = self.train_step(group)
-                self.batches_done_in_epoch += len(group)
+                record = self.train_step(group)  # the loader's position has moved past the group
                 if record is None:  # fp16 overflow, or no data in the whole update: no update was made
                     continue
                 last = record
@@ -515,7 +510,7 @@ class Trainer:
                 if self._stop_reason(start_time) is not None:
                     break
             # 3. the epoch's summary line; the next epoch if this one is done
-            complete = self.batches_done_in_epoch >= self.train_loader.total_batches
+            complete = self.train_loader.position >= self.train_loader.total_batches
             loaded_none = self._epoch_data_batches == 0 and not self.epoch_totals.values["num_batches"]
             if batches_left and complete and loaded_none:
                 raise RuntimeError(f"epoch {self.epoch}: no batch of {cfg.data.manifest} could be loaded")
@@ -566,8 +561,6 @@ class Trainer:
         if self.valid_loader is not None and not self.cfg.validate_interval_updates:
             self._scheduled_validation()
         self.epoch += 1
-        self.batches_done_in_epoch = 0
-        self.epoch_offset = 0
         self.train_loader.set_epoch(self.epoch)
 
     def _autocast(self):
