@@ -10,7 +10,9 @@ import pytest
 from xlsr.finetune.config import FineTuneConfig
 from xlsr.finetune.config import compose_config as compose_finetune
 from xlsr.pretrain.config import PretrainConfig
-from xlsr.training.run_config import RunConfig
+from xlsr.finetune.config import FineTuneOptimConfig
+from xlsr.pretrain.config import OptimConfig
+from xlsr.training.run_config import RunConfig, RunOptimConfig
 
 RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
 
@@ -25,6 +27,19 @@ def test_a_task_config_declares_only_its_own_sections(config):
 def test_the_tasks_share_no_field_outside_the_run_fields_but_their_sections():
     shared = {f.name for f in dataclasses.fields(PretrainConfig)} & {f.name for f in dataclasses.fields(FineTuneConfig)}
     assert shared - RUN_FIELDS == {"model", "data", "optim"}
+
+
+@pytest.mark.parametrize("optim, schedule", [(OptimConfig, {"warmup_updates", "end_lr", "power"}),
+                                             (FineTuneOptimConfig, {"phase_ratio", "init_lr_scale", "final_lr_scale"})])
+def test_a_task_optim_section_adds_only_its_schedule(optim, schedule):
+    """The common optim fields are declared once (a task redeclares some only for its recipe's defaults)."""
+    assert issubclass(optim, RunOptimConfig)
+    common = {f.name for f in dataclasses.fields(RunOptimConfig)}
+    assert {f.name for f in dataclasses.fields(optim)} - common == schedule
+    redeclared = set(optim.__dict__.get("__annotations__", {})) & common
+    assert redeclared <= {"lr", "eps", "weight_decay", "max_update"}, redeclared
+    for name in redeclared:
+        assert optim.__dataclass_fields__[name].type == RunOptimConfig.__dataclass_fields__[name].type
 
 
 def test_model_layerdrop_is_the_old_name_of_encoder_layerdrop():

@@ -21,6 +21,8 @@ from xlsr.data.audio_dataset import (
     collate,
     set_loader_epoch,
 )
+from xlsr.data.batch import AudioBatch, CTCBatch
+from xlsr.data.source import UtteranceSource
 
 SR = 16000
 
@@ -97,7 +99,7 @@ def test_bad_file_skipped_at_load_time(kind, good_corpus):
     assert any(str(bad_path.name) in str(w.message) for w in record)
     assert sum(item is None for item in items) == 1 and dataset.num_skipped == 1
     batch = collate(items, pad=True)
-    assert {dataset.path(i) for i in batch["id"].tolist()} == set(good)  # no good file dropped
+    assert {dataset.path(i) for i in batch.ids.tolist()} == set(good)  # no good file dropped
 
 
 @pytest.mark.parametrize("kind", ["corrupt", "empty", "8khz"])
@@ -179,7 +181,7 @@ def test_num_skipped_counts_across_workers(good_corpus):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AudioWarning)
         batches = [b for b in loader]
-    ids = [i for b in batches if b is not None for i in b["id"].tolist()]
+    ids = [i for b in batches if b is not None for i in b.ids.tolist()]
     assert {loader.dataset.path(i) for i in ids} == set(good)
     assert loader.dataset.num_skipped == 1
 
@@ -214,16 +216,16 @@ def test_collate_crop_to_shortest_and_pad_to_longest():
     samples = [{"id": i, "source": w} for i, w in enumerate(waves)]
 
     cropped = collate(samples, pad=False, seed=1)
-    assert cropped["source"].shape == (3, 5) and cropped["padding_mask"] is None
-    assert cropped["id"].tolist() == [0, 1, 2] and cropped["id"].dtype == torch.long
-    for row, wave in zip(cropped["source"], waves):
+    assert cropped.source.shape == (3, 5) and cropped.padding_mask is None
+    assert cropped.ids.tolist() == [0, 1, 2] and cropped.ids.dtype == torch.long
+    for row, wave in zip(cropped.source, waves):
         start = int(row[0].item()) - 1
         assert torch.equal(row, wave[start : start + 5])  # a contiguous window
-    assert torch.equal(collate(samples, pad=False, seed=1)["source"], cropped["source"])
+    assert torch.equal(collate(samples, pad=False, seed=1).source, cropped.source)
 
     padded = collate(samples, pad=True)
-    assert padded["source"].shape == (3, 9) and padded["padding_mask"].dtype == torch.bool
-    for row, mask, wave in zip(padded["source"], padded["padding_mask"], waves):
+    assert padded.source.shape == (3, 9) and padded.padding_mask.dtype == torch.bool
+    for row, mask, wave in zip(padded.source, padded.padding_mask, waves):
         n = len(wave)
         assert torch.equal(row[:n], wave) and (row[n:] == 0).all()
         assert not mask[:n].any() and mask[n:].all()
@@ -232,9 +234,24 @@ def test_collate_crop_to_shortest_and_pad_to_longest():
 def test_collate_drops_none_and_empty_batch():
     sample = {"id": 4, "source": torch.ones(3)}
     batch = collate([None, sample, None], pad=False)
-    assert batch["id"].tolist() == [4] and batch["source"].shape == (1, 3)
+    assert batch.ids.tolist() == [4] and batch.source.shape == (1, 3)
     assert collate([None, None], pad=True) is None
     assert collate([], pad=False) is None
+
+
+def test_batch_to_device_and_audio_seconds():
+    """A batch moves every tensor (targets too) and counts its audio without the padding."""
+    padded = collate([{"id": 0, "source": torch.ones(8)}, {"id": 1, "source": torch.ones(5)}], pad=True)
+    assert isinstance(padded, AudioBatch) and padded.num_samples == 2
+    assert padded.audio_seconds(sample_rate=1) == 13.0  # 8 + 5 samples, 3 of padding not counted
+    assert collate([{"id": 0, "source": torch.ones(8)}], pad=False).audio_seconds(sample_rate=4) == 2.0
+    batch = CTCBatch(source=padded.source, padding_mask=padded.padding_mask, ids=padded.ids,
+                     target=torch.ones(2, 3, dtype=torch.long), target_lengths=torch.tensor([3, 2]))
+    moved = batch.to("meta")
+    assert isinstance(moved, CTCBatch)
+    for name in ("source", "padding_mask", "ids", "target", "target_lengths"):
+        assert getattr(moved, name).device.type == "meta" and getattr(batch, name).device.type == "cpu"
+    assert AudioBatch(source=padded.source, padding_mask=None, ids=padded.ids).to("meta").padding_mask is None
 
 
 # --------------------------------------------------------------------------- batching
@@ -306,7 +323,7 @@ def test_empty_padding_batch_collates_to_none(tmp_path):
                     for r in (0, 1)]
     assert [len(b) for b in rank_batches] == [2, 2]
     assert rank_batches[1][1] is None and all(b is not None for b in rank_batches[0] + rank_batches[1][:1])
-    assert sorted(int(i) for batches in rank_batches for b in batches if b is not None for i in b["id"]) == [0, 1, 2]
+    assert sorted(int(i) for batches in rank_batches for b in batches if b is not None for i in b.ids) == [0, 1, 2]
 
 
 def test_start_resumes_mid_epoch():
@@ -328,7 +345,7 @@ def test_dataloader_resume_and_worker_count_independence(tmp_path):
     def run(start, workers):
         cfg.num_workers = workers
         loader = build_dataloader(cfg, manifest, normalize=True, seed=11, epoch=3, start_batch=start)
-        return [(b["id"].tolist(), b["source"]) for b in loader]
+        return [(b.ids.tolist(), b.source) for b in loader]
 
     full = run(0, 0)
     for ids, source in full:
@@ -348,22 +365,22 @@ def test_pad_mode_loader(tmp_path):
     )
     loader = build_dataloader(cfg, manifest, normalize=False, seed=0, epoch=0)
     batches = list(loader)
-    assert sum(len(b["id"]) for b in batches) == 5
+    assert sum(len(b.ids) for b in batches) == 5
     for batch in batches:
-        assert batch["padding_mask"] is not None and batch["source"].numel() <= 4000
-        lengths = (~batch["padding_mask"]).sum(1)
-        assert lengths.max() == batch["source"].shape[1]
+        assert batch.padding_mask is not None and batch.source.numel() <= 4000
+        lengths = (~batch.padding_mask).sum(1)
+        assert lengths.max() == batch.source.shape[1]
 
 
 def test_set_loader_epoch(tmp_path):
     manifest, _ = make_corpus(tmp_path / "d", list(range(600, 3000, 100)))
     cfg = DataConfig(manifest=manifest, min_sample_size=500, max_sample_size=3000, max_tokens=6000, num_workers=0)
     loader = build_dataloader(cfg, manifest, normalize=False, seed=0, epoch=0)
-    first = [b["id"].tolist() for b in loader]
+    first = [b.ids.tolist() for b in loader]
     set_loader_epoch(loader, 1)
-    second = [b["id"].tolist() for b in loader]
+    second = [b.ids.tolist() for b in loader]
     fresh = build_dataloader(cfg, manifest, normalize=False, seed=0, epoch=1)
-    assert second == [b["id"].tolist() for b in fresh] and second != first
+    assert second == [b.ids.tolist() for b in fresh] and second != first
 
 
 def test_config_checks():
@@ -439,7 +456,7 @@ def test_config_works_as_structured_config(tmp_path):
     cfg.manifest = manifest
     cfg.merge_with({"min_sample_size": 500, "max_sample_size": 2000, "max_tokens": 4000, "num_workers": 0})
     loader = build_dataloader(cfg, cfg.manifest, normalize=True, seed=0, epoch=0)
-    assert sum(len(b["id"]) for b in loader) == 3
+    assert sum(len(b.ids) for b in loader) == 3
 
 
 def test_resampled_items_are_sized_at_the_target_rate(tmp_path):
@@ -454,7 +471,7 @@ def test_resampled_items_are_sized_at_the_target_rate(tmp_path):
     loader = build_dataloader(cfg, manifest, normalize=False, seed=0, epoch=0)
     assert loader.dataset.sizes.tolist() == [32000]
     (batch,) = list(loader)
-    assert batch["source"].shape == (1, 32000)
+    assert batch.source.shape == (1, 32000)
 
 
 def test_alpha_weights_corpora_by_duration_not_file_count(tmp_path):
@@ -469,3 +486,38 @@ def test_alpha_weights_corpora_by_duration_not_file_count(tmp_path):
     counts = corpus_counts(dataset)
     expected = [round(10 * target[0] / share[0]), round(30 * target[1] / share[1])]
     assert counts.tolist() == expected
+
+
+def test_loader_state_dict_resumes_where_the_batches_handed_out_end(tmp_path):
+    """The loader's position counts what it handed out (not what its workers prefetched); a fresh loader given its
+    state_dict yields exactly the rest of the epoch; a state of 1 rank on 2 ranks continues at the first global
+    batch not handed out; a checkpoint's keys without ``num_replicas`` / ``epoch_offset`` (older runs) load."""
+    lengths = list(np.random.default_rng(1).integers(600, 4000, 24))
+    manifest, _ = make_corpus(tmp_path / "d", lengths)
+    cfg = DataConfig(manifest=manifest, min_sample_size=500, max_sample_size=3000, max_tokens=9000, num_workers=2)
+    full = [b.ids.tolist() for b in build_dataloader(cfg, manifest, normalize=False, seed=5, epoch=2)]
+    assert len(full) >= 6
+    loader = build_dataloader(cfg, manifest, normalize=False, seed=5, epoch=2)
+    assert isinstance(loader.dataset, UtteranceSource) and loader.dataset.key(0) == loader.dataset.path(0)
+    seen = []
+    for batch in loader:
+        seen.append(batch.ids.tolist())
+        if len(seen) == 4:
+            break
+    assert seen == full[:4]
+    state = loader.state_dict()
+    assert state == {"epoch": 2, "batches_done_in_epoch": 4, "epoch_offset": 0, "num_replicas": 1}
+    fresh = build_dataloader(cfg, manifest, normalize=False, seed=5, epoch=0)
+    fresh.load_state_dict(state)
+    assert [b.ids.tolist() for b in fresh] == full[4:] and fresh.position == len(full)
+    old = build_dataloader(cfg, manifest, normalize=False, seed=5, epoch=0)
+    old.load_state_dict({"epoch": 2, "batches_done_in_epoch": 4})  # a checkpoint written before the offset
+    assert [b.ids.tolist() for b in old] == full[4:]
+    ranks = [build_dataloader(cfg, manifest, normalize=False, seed=5, epoch=0, rank=r, world_size=2) for r in (0, 1)]
+    for rank_loader in ranks:
+        rank_loader.load_state_dict(state)
+    rest = [[b.ids.tolist() if b is not None else None for b in rank_loader] for rank_loader in ranks]
+    interleaved = [rest[r][s] for s in range(len(rest[0])) for r in (0, 1)]
+    assert [ids for ids in interleaved if ids is not None] == full[4:]
+    assert [ranks[0].global_index(p) for p in range(2)] == [4, 6] and ranks[1].global_index(0) == 5
+    assert ranks[1].state_dict()["epoch_offset"] == 4 and ranks[1].state_dict()["num_replicas"] == 2

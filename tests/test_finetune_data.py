@@ -1,5 +1,6 @@
 """xlsr.finetune: fairseq letter dictionary and label files, CTC batches, WER/CER, manifest --transcripts."""
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import soundfile
 import torch
 
 from xlsr.audio import AudioWarning
+from xlsr.data.batch import CTCBatch
 from xlsr.finetune.data import (
     FinetuneDataConfig,
     LabelledAudioDataset,
@@ -196,15 +198,16 @@ def test_collate_pads_sources_and_targets():
         {"id": 2, "source": 2 * torch.ones(3), "target": torch.tensor([4])},
     ]
     batch = collate_ctc(samples, pad_index=1)
-    assert set(batch) == {"id", "source", "padding_mask", "target", "target_lengths"}
-    assert batch["id"].tolist() == [0, 2]
-    assert batch["source"].shape == (2, 5) and batch["source"].dtype == torch.float32
-    assert batch["source"][1].tolist() == [2, 2, 2, 0, 0]
-    assert batch["padding_mask"].tolist() == [[False] * 5, [False] * 3 + [True] * 2]
-    assert batch["target"].tolist() == [[7, 8, 9], [4, 1, 1]] and batch["target"].dtype == torch.int64
-    assert batch["target_lengths"].tolist() == [3, 1]
+    assert isinstance(batch, CTCBatch)
+    assert {f.name for f in dataclasses.fields(batch)} == {"ids", "source", "padding_mask", "target", "target_lengths"}
+    assert batch.ids.tolist() == [0, 2]
+    assert batch.source.shape == (2, 5) and batch.source.dtype == torch.float32
+    assert batch.source[1].tolist() == [2, 2, 2, 0, 0]
+    assert batch.padding_mask.tolist() == [[False] * 5, [False] * 3 + [True] * 2]
+    assert batch.target.tolist() == [[7, 8, 9], [4, 1, 1]] and batch.target.dtype == torch.int64
+    assert batch.target_lengths.tolist() == [3, 1]
     same = collate_ctc([samples[0], {"id": 3, "source": torch.zeros(5), "target": torch.tensor([1, 2])}], 1)
-    assert same["padding_mask"] is None  # nothing padded
+    assert same.padding_mask is None  # nothing padded
     assert collate_ctc([None], 1) is None and collate_ctc([], 1) is None
 
 
@@ -291,16 +294,16 @@ def test_finetune_loader_shards_whole_utterances(tmp_path):
         for batch in batches:
             if batch is None:  # the padding batch of a rank short of one
                 continue
-            assert batch["source"].shape[0] * batch["source"].shape[1] <= cfg.max_tokens
-            for row, i in enumerate(batch["id"].tolist()):
+            assert batch.source.shape[0] * batch.source.shape[1] <= cfg.max_tokens
+            for row, i in enumerate(batch.ids.tolist()):
                 path = loader.dataset.path(i)
                 assert path not in seen
                 n = dict((nm, n) for nm, n, _ in items)[os.path.basename(path)]
-                valid = n if batch["padding_mask"] is None else int((~batch["padding_mask"][row]).sum())
+                valid = n if batch.padding_mask is None else int((~batch.padding_mask[row]).sum())
                 assert valid == n  # never cropped
-                length = int(batch["target_lengths"][row])
-                assert (batch["target"][row, length:] == d.pad_index).all()
-                seen[path] = d.string(batch["target"][row, :length].tolist())
+                length = int(batch.target_lengths[row])
+                assert (batch.target[row, length:] == d.pad_index).all()
+                seen[path] = d.string(batch.target[row, :length].tolist())
     assert len(seen) == len(items)
     for name, _, text in items:
         assert letters_to_words(seen[os.path.realpath(tmp_path / name)]) == " ".join(text.split())
@@ -318,8 +321,8 @@ def test_finetune_loader_drops_items_over_max_tokens(tmp_path):
     with pytest.warns(AudioWarning, match="longer than 5000 samples"):
         loader = build_finetune_dataloader(cfg, manifest, normalize=True, seed=0, epoch=0, num_frames=frames_of(CONV))
     (batch,) = list(loader)
-    assert batch["source"].shape == (1, 2000) and batch["target"].tolist() == [[5, 4]]  # A |: index 5, | 4
-    assert abs(float(batch["source"].mean())) < 1e-4  # normalised
+    assert batch.source.shape == (1, 2000) and batch.target.tolist() == [[5, 4]]  # A |: index 5, | 4
+    assert abs(float(batch.source.mean())) < 1e-4  # normalised
 
 
 # --------------------------------------------------------------------------- WER / CER

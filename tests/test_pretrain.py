@@ -315,7 +315,7 @@ def test_validation_is_logged(corpus, tmp_path):
     with torch.no_grad():
         for index, batch in enumerate(trainer.valid_loader):
             torch.manual_seed(_batch_seed(trainer.cfg.seed, 0, index))
-            loss = compute_loss(model(batch["source"], batch["padding_mask"]), tuple(trainer.cfg.model.loss_weights))
+            loss = compute_loss(model(batch.source, batch.padding_mask), tuple(trainer.cfg.model.loss_weights))
             total, frames, correct = total + float(loss.total), frames + loss.sample_size, correct + loss.correct
     assert valid[-1]["loss"] == pytest.approx(total / frames / np.log(2), rel=1e-6)
     assert valid[-1]["accuracy"] == pytest.approx(correct / frames)
@@ -362,7 +362,7 @@ def test_bad_file_in_manifest_is_skipped_and_counted(corpus, tmp_path, caplog):
                                                           "optim.max_update=1000")))
     assert trainer.train_loader.dataset.num_skipped == 1
     assert any("1 unreadable files skipped" in r.getMessage() for r in caplog.records)
-    good_items = sum(len(b["id"]) for b in trainer.train_loader if b is not None)
+    good_items = sum(len(b.ids) for b in trainer.train_loader if b is not None)
     assert good_items == len(lines) - 1  # every good file is still trained on
 
 

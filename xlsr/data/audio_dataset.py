@@ -12,8 +12,8 @@ three differences that matter for long runs:
   None), which the trainer runs as a zero-weight pass, as fairseq's dummy batch;
 * bad files are reported by path, and either skipped (``skip_bad``) or refused up front.
 
-Batch layout (:func:`collate`): ``{"id": (B,) int64, "source": (B, S) float32,
-"padding_mask": (B, S) bool (True = padding) or None}``.
+Batches (:func:`collate`) are :class:`xlsr.data.batch.AudioBatch`: ``source`` (B, S) float32, ``padding_mask``
+(B, S) bool (True = padding) or None, ``ids`` (B,) int64.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from xlsr.audio import AudioError, AudioWarning, audio_info, load_audio, normalize_waveform
+from xlsr.data.batch import AudioBatch
+from xlsr.data.source import UtteranceSource
 from xlsr.manifest import read_manifest
 
 logger = logging.getLogger(__name__)
@@ -317,6 +319,10 @@ class AudioDataset(Dataset):
         line), counting dropped entries too: the line number of their transcript in a label file beside it."""
         return self._row[self._index[np.asarray(indices, dtype=np.int64)]]
 
+    def key(self, i: int) -> str:
+        """A stable key of item ``i``: its file's path (several items of one file when a corpus is upsampled)."""
+        return self.path(i)
+
     def path(self, i: int) -> str:
         """File path of item ``i`` of this epoch."""
         return self._paths[int(self._index[i])]
@@ -411,20 +417,20 @@ class AudioDataset(Dataset):
         wav = _random_crop(wav, int(self.sizes[i]), _item_rng(self.seed, self.epoch, i, _CROP_IN_ITEM))
         return {"id": i, "source": wav}
 
-    def collater(self, samples: list[Optional[dict]]) -> Optional[dict]:
+    def collater(self, samples: list[Optional[dict]]) -> Optional[AudioBatch]:
         """:func:`collate` with this dataset's ``pad``, seed and epoch."""
         return collate(samples, self.pad, seed=self.seed, epoch=self.epoch)
 
 
-def collate(samples: list[Optional[dict]], pad: bool, *, seed: int = 0, epoch: int = 0) -> Optional[dict]:
+def collate(samples: list[Optional[dict]], pad: bool, *, seed: int = 0, epoch: int = 0) -> Optional[AudioBatch]:
     """Stack items into a batch; None items (skipped files) are dropped.
 
     ``pad=False`` randomly crops every item to the shortest one (offset seeded by
     ``(seed, epoch, id)``); ``pad=True`` zero-pads to the longest.
 
     Returns:
-        ``{"id": (B,) int64, "source": (B, S) float32, "padding_mask": (B, S) bool or None}``
-        (``True`` = padding), or None when no item is left.
+        an :class:`AudioBatch` (``ids`` (B,), ``source`` (B, S), ``padding_mask`` (B, S) with True = padding, or
+        None when ``pad=False``), or None when no item is left.
     """
     samples = [s for s in samples if s is not None and s.get("source") is not None]
     if not samples:
@@ -441,7 +447,7 @@ def collate(samples: list[Optional[dict]], pad: bool, *, seed: int = 0, epoch: i
         if padding_mask is not None:
             padding_mask[row, length:] = True
     ids = torch.tensor([int(s["id"]) for s in samples], dtype=torch.long)
-    return {"id": ids, "source": source, "padding_mask": padding_mask}
+    return AudioBatch(source=source, padding_mask=padding_mask, ids=ids)
 
 
 class LengthBatchSampler(Sampler[list[int]]):
@@ -559,6 +565,26 @@ class LengthBatchSampler(Sampler[list[int]]):
     def __len__(self) -> int:
         return len(self._rank_batches) - self.start
 
+    def global_index(self, position: int) -> int:
+        """The epoch's global batch index (before sharding) of this rank's batch ``position``."""
+        return self.skip_global + position * self.num_replicas + self.rank
+
+    def state_dict(self) -> dict[str, int]:
+        """Where iteration starts: ``epoch``, ``batches_done_in_epoch`` (this rank's ``start``), ``epoch_offset``
+        (``skip_global``) and ``num_replicas`` (the names a training checkpoint keeps them under)."""
+        return {"epoch": self.epoch, "batches_done_in_epoch": self.start, "epoch_offset": self.skip_global,
+                "num_replicas": self.num_replicas}
+
+    def load_state_dict(self, state: dict[str, int], sizes: Optional[Sequence[int] | np.ndarray] = None) -> None:
+        """Continue from ``state`` (:meth:`state_dict`; ``epoch_offset`` and ``num_replicas`` may be missing, as in
+        checkpoints written before they existed). Written by another number of ranks, the epoch continues at its
+        first global batch not yet done, every rank from there (every round before the position was complete)."""
+        done, offset = int(state["batches_done_in_epoch"]), int(state.get("epoch_offset", 0))
+        saved_replicas = int(state.get("num_replicas", self.num_replicas))
+        if saved_replicas != self.num_replicas:
+            done, offset = 0, offset + done * saved_replicas
+        self.set_epoch(int(state["epoch"]), sizes, start=done, skip_global=offset)
+
     def __iter__(self, start: Optional[int] = None) -> Iterator[list[int]]:
         start = self.start if start is None else start
         for batch in self._rank_batches[start:]:
@@ -613,11 +639,41 @@ def build_dataloader(
 
 
 class BatchLoader(DataLoader):
-    """A DataLoader of length-bucketed batches (a :class:`LengthBatchSampler` over a dataset with ``sizes``,
-    ``set_epoch`` and ``num_skipped``): what the training engine asks a loader, without reaching into it.
+    """A DataLoader of length-bucketed batches (a :class:`LengthBatchSampler` over an
+    :class:`~xlsr.data.source.UtteranceSource`): what the training engine asks a loader, without reaching into it:
+    its counts (``total_batches``, ``num_skipped``), its position (``position``, ``global_index``) and, for exact
+    resume, ``state_dict()`` / ``load_state_dict()``.
 
     Iterating yields this rank's batches (None for a rank without one in the last round, or for a batch of
-    unreadable files only)."""
+    unreadable files only). The position counts the batches handed out, not those the workers have prefetched.
+    """
+
+    _handed_out = 0  # batches of the current iteration handed to the caller
+
+    def __iter__(self):
+        self._handed_out = 0
+        for batch in super().__iter__():
+            self._handed_out += 1
+            yield batch
+
+    @property
+    def position(self) -> int:
+        """This rank's batches of the epoch handed out (after ``epoch_offset``), padding batches included."""
+        return self.batch_sampler.start + self._handed_out
+
+    def global_index(self, position: int) -> int:
+        """The epoch's global batch index (before sharding) of this rank's batch ``position``: what seeds it."""
+        return self.batch_sampler.global_index(position)
+
+    def state_dict(self) -> dict[str, int]:
+        """The position to resume from (:meth:`LengthBatchSampler.state_dict` at :attr:`position`)."""
+        return {**self.batch_sampler.state_dict(), "batches_done_in_epoch": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from ``state`` (:meth:`state_dict`, or a training checkpoint's keys)."""
+        self.dataset.set_epoch(int(state["epoch"]))
+        self._handed_out = 0
+        self.batch_sampler.load_state_dict(state, self.dataset.sizes)
 
     @property
     def total_batches(self) -> int:
@@ -633,12 +689,13 @@ class BatchLoader(DataLoader):
         """Move to ``epoch``, iterating from this rank's batch ``start_batch`` after the epoch's first
         ``skip_global`` batches of all ranks (``LengthBatchSampler.set_epoch``)."""
         self.dataset.set_epoch(epoch)
+        self._handed_out = 0
         self.batch_sampler.set_epoch(epoch, self.dataset.sizes, start=start_batch, skip_global=skip_global)
 
 
-def batched_loader(dataset, cfg, *, seed: int, epoch: int, rank: int, world_size: int, start_batch: int,
-                   shuffle: bool) -> BatchLoader:
-    """A DataLoader over ``dataset`` (with ``sizes`` and ``collater``) in this rank's length-bucketed batches of at
+def batched_loader(dataset: UtteranceSource, cfg, *, seed: int, epoch: int, rank: int, world_size: int,
+                   start_batch: int, shuffle: bool) -> BatchLoader:
+    """A DataLoader over ``dataset`` (any :class:`~xlsr.data.source.UtteranceSource`) in this rank's length-bucketed batches of at
     most ``cfg.max_tokens`` samples (``LengthBatchSampler``), from batch ``start_batch``."""
     sampler = LengthBatchSampler(
         dataset.sizes,

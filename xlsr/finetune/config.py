@@ -21,7 +21,7 @@ from typing import List, Optional
 from hydra.core.config_store import ConfigStore
 
 from xlsr.finetune.data import FinetuneDataConfig
-from xlsr.training.run_config import CheckpointConfig, RunConfig, compose_app_config
+from xlsr.training.run_config import CheckpointConfig, RunConfig, RunOptimConfig, compose_app_config
 
 
 @dataclass
@@ -70,33 +70,21 @@ class FineTuneModelConfig:
 
 
 @dataclass
-class FineTuneOptimConfig:
-    """Adam with the tri-stage learning-rate schedule (fairseq's ``tri_stage``)."""
+class FineTuneOptimConfig(RunOptimConfig):
+    """AdamW (the common fields of :class:`~xlsr.training.run_config.RunOptimConfig`, the fine-tuning recipe's
+    defaults: peak ``lr`` 3e-4, ``eps`` 1e-8, no weight decay, 20k updates) with the tri-stage learning-rate schedule
+    (fairseq's ``tri_stage``). ``step_in_backward`` is not available for fine-tuning."""
 
     lr: float = 3e-4
-    """Peak learning rate."""
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
-    """Adam betas."""
     eps: float = 1e-8
-    """Adam epsilon."""
     weight_decay: float = 0.0
-    """Decoupled weight decay (the recipe uses none)."""
     max_update: int = 20000
-    """Length of the schedule and of the run."""
     phase_ratio: List[float] = field(default_factory=lambda: [0.1, 0.4, 0.5])
     """Fractions of max_update for warm-up, hold and decay."""
     init_lr_scale: float = 0.01
     """The warm-up starts at this fraction of lr."""
     final_lr_scale: float = 0.05
     """The decay ends at this fraction of lr."""
-    clip_norm: float = 0.0
-    """Gradient clipping by the global norm; 0 = none."""
-    update_freq: int = 1
-    """Micro-batches per update (gradient accumulation)."""
-    fp16_init_scale: float = 128.0
-    """precision=fp16: the loss scale to start from."""
-    step_in_backward: bool = False
-    """Not available for fine-tuning (kept for the trainer's checks)."""
 
 
 def _finetune_data() -> FinetuneDataConfig:

@@ -11,9 +11,9 @@ transcript. Here an item longer than ``max_sample_size`` or than ``max_tokens`` 
 (fairseq stops with "exceeds max_tokens" in training). Sizes are the manifest's (the headers' when headers are
 checked): keep manifests up to date, since a file longer than its manifest row is cut to the row's length.
 
-Batch layout (:func:`collate_ctc`): ``{"id": (B,) int64, "source": (B, S) float32, "padding_mask": (B, S) bool
-(True = padding) or None when no item is padded, "target": (B, L) int64 padded with ``pad_index``,
-"target_lengths": (B,) int64}``.
+Batches (:func:`collate_ctc`) are :class:`xlsr.data.batch.CTCBatch`: ``source`` (B, S) float32, ``padding_mask``
+(B, S) bool (True = padding) or None when no item is padded, ``ids`` (B,) int64, ``target`` (B, L) int64 padded
+with ``pad_index``, ``target_lengths`` (B,) int64.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from xlsr.finetune.labels import dictionary_path, label_path, read_labels
 from xlsr.vocabulary import Dictionary
 from xlsr.modules.feature_encoder import conv_output_length
 from xlsr.data.audio_dataset import AudioDataset, batched_loader, collate, set_loader_epoch
+from xlsr.data.batch import CTCBatch
 
 logger = logging.getLogger(__name__)
 
@@ -348,6 +349,10 @@ class LabelledAudioDataset(Dataset):
     def __len__(self) -> int:
         return len(self._keep)
 
+    def key(self, i: int) -> str:
+        """A stable key of item ``i``: its file's path."""
+        return self.path(i)
+
     def path(self, i: int) -> str:
         """File path of item ``i`` of this epoch."""
         return self.audio.path(int(self._keep[i]))
@@ -364,32 +369,30 @@ class LabelledAudioDataset(Dataset):
             return None
         return {"id": i, "source": item["source"], "target": self.target(i)}
 
-    def collater(self, samples: list[Optional[dict]]) -> Optional[dict]:
+    def collater(self, samples: list[Optional[dict]]) -> Optional[CTCBatch]:
         """:func:`collate_ctc` with this dictionary's pad index."""
         return collate_ctc(samples, self.pad_index)
 
 
-def collate_ctc(samples: list[Optional[dict]], pad_index: int) -> Optional[dict]:
+def collate_ctc(samples: list[Optional[dict]], pad_index: int) -> Optional[CTCBatch]:
     """Zero-pad sources to the longest (never crop) and pad targets with ``pad_index``; None items are dropped.
 
     Returns:
-        ``{"id": (B,) int64, "source": (B, S) float32, "padding_mask": (B, S) bool (True = padding) or None when
-        no item is padded, "target": (B, L) int64, "target_lengths": (B,) int64}``, or None when no item is left.
+        a :class:`CTCBatch` (``ids`` (B,), ``source`` (B, S), ``padding_mask`` (B, S) with True = padding or None
+        when no item is padded, ``target`` (B, L), ``target_lengths`` (B,)), or None when no item is left.
     """
     samples = [s for s in samples if s is not None and s.get("source") is not None]
     batch = collate(samples, pad=True)
     if batch is None:
         return None
-    if batch["padding_mask"] is not None and not bool(batch["padding_mask"].any()):
-        batch["padding_mask"] = None
+    padding_mask = batch.padding_mask if batch.padding_mask is not None and bool(batch.padding_mask.any()) else None
     targets = [torch.as_tensor(s["target"], dtype=torch.long) for s in samples]
     lengths = torch.tensor([len(t) for t in targets], dtype=torch.long)
     target = torch.full((len(targets), int(lengths.max())), pad_index, dtype=torch.long)
     for row, t in enumerate(targets):
         target[row, : len(t)] = t
-    batch["target"] = target
-    batch["target_lengths"] = lengths
-    return batch
+    return CTCBatch(source=batch.source, padding_mask=padding_mask, ids=batch.ids, target=target,
+                    target_lengths=lengths)
 
 
 # ---------------------------------------------------------------------- loader

@@ -15,6 +15,7 @@ from xlsr.training.run_config import (  # re-exported: the run sections, once de
     CheckpointConfig,
     DistributedConfig,
     RunConfig,
+    RunOptimConfig,
     compose_app_config,
 )
 
@@ -80,53 +81,25 @@ class ModelConfig(ArchitectureOverrides):  # type: ignore[misc, valid-type]
 
 
 @dataclass
-class OptimConfig:
-    """Adam with decoupled weight decay, linear warm-up then polynomial decay (fairseq's polynomial_decay).
+class OptimConfig(RunOptimConfig):
+    """AdamW (the common fields of :class:`~xlsr.training.run_config.RunOptimConfig`), linear warm-up then
+    polynomial decay (fairseq's polynomial_decay).
 
     fairseq keeps these in ``optimization`` / ``optimizer`` / ``lr_scheduler``; the names differ where noted.
-    The class defaults are the BASE recipe; ``optim=xlsr`` (``xlsr/conf/optim/xlsr.yaml``, the default group of
-    ``python -m xlsr.pretrain``) is the XLS-R one, from the released ``xlsr2_300m.pt`` cfg.
+    The class defaults are the BASE recipe (``lr`` 5e-4 reached at the end of warm-up, ``eps`` 1e-6,
+    ``weight_decay`` 0.01, ``max_update`` 400k); ``optim=xlsr`` (``xlsr/conf/optim/xlsr.yaml``, the default group of
+    ``python -m xlsr.pretrain``) is the XLS-R one, from the released ``xlsr2_300m.pt`` cfg (``lr`` 6e-4,
+    ``max_update`` 1M). ``max_update`` is also fairseq's ``lr_scheduler.total_num_update`` (one value here).
     """
-
-    lr: float = 5e-4
-    """Peak learning rate, reached at the end of warm-up. XLS-R: 6e-4; BASE: 5e-4. fairseq ``optimization.lr``
-    (a one-element list there)."""
-
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
-    """Adam ``(beta1, beta2)``. XLS-R and BASE: [0.9, 0.98]. fairseq ``optimizer.adam_betas``."""
-
-    eps: float = 1e-6
-    """Adam epsilon. XLS-R and BASE: 1e-6. fairseq ``optimizer.adam_eps``."""
-
-    weight_decay: float = 0.01
-    """Decoupled (AdamW) weight decay, on every parameter as fairseq's Adam. XLS-R and BASE: 0.01."""
 
     warmup_updates: int = 32000
     """Updates of linear warm-up from 0 to ``lr``. XLS-R and BASE: 32000. fairseq ``lr_scheduler.warmup_updates``."""
-
-    max_update: int = 400000
-    """Length of the schedule (the LR reaches ``end_lr`` here) and of the run. XLS-R: 1M; BASE: 400k.
-    fairseq ``optimization.max_update`` and ``lr_scheduler.total_num_update`` (one value here)."""
 
     end_lr: float = 0.0
     """LR at ``max_update``. XLS-R: 0.0. fairseq ``lr_scheduler.end_learning_rate``."""
 
     power: float = 1.0
     """Exponent of the decay, ``(1 - progress) ** power``; 1 = linear. XLS-R: 1.0. fairseq ``lr_scheduler.power``."""
-
-    clip_norm: float = 0.0
-    """Clip the gradient's global L2 norm to this; 0 = no clipping (XLS-R). fairseq ``optimization.clip_norm``."""
-
-    update_freq: int = 1
-    """Gradient accumulation: micro-batches per update. XLS-R: 1 (on 128 GPUs). fairseq ``optimization.update_freq``
-    (a one-element list there)."""
-
-    fp16_init_scale: float = 128.0
-    """With ``precision=fp16``: the loss scale to start from. XLS-R: 128. fairseq ``common.fp16_init_scale``."""
-
-    step_in_backward: bool = False
-    """Memory saver: update each parameter inside backward and free its gradient at once (the same updates; no
-    gradient for every weight held). One process, update_freq 1, no clipping, not fp16. See xlsr/training/optim.py."""
 
 
 @dataclass

@@ -18,6 +18,7 @@ import torch
 
 from xlsr.checkpoints.ctc import is_ctc_checkpoint
 from xlsr.ctc import CTCOutput, Wav2Vec2ForCTC
+from xlsr.data.batch import AudioBatch, CTCBatch
 from xlsr.finetune.config import FineTuneConfig
 from xlsr.finetune.data import FrameCounter, build_finetune_dataloader
 from xlsr.finetune.labels import dictionary_path, read_labels
@@ -191,28 +192,29 @@ class CTCTask(Task):
             num_frames=FrameCounter(t.model_cfg.conv_layers),
         )
 
-    def forward_and_loss(self, model, batch: dict, source, padding_mask, layer_keep) -> tuple[CTCOutput, CTCLoss]:
-        out: CTCOutput = model(source, padding_mask, layer_keep=layer_keep)
-        targets, target_lengths = batch["target"], batch["target_lengths"]
+    def forward_and_loss(self, model, batch: CTCBatch, layer_keep) -> tuple[CTCOutput, CTCLoss]:
+        out: CTCOutput = model(batch.source, batch.padding_mask, layer_keep=layer_keep)
+        targets, target_lengths = batch.target, batch.target_lengths
         per_utterance = torch.nn.functional.ctc_loss(
-            out.log_probs.transpose(0, 1), targets.to(out.log_probs.device), out.lengths,
-            target_lengths.to(out.log_probs.device), blank=self.trainer.model.blank_index, reduction="none",
-            zero_infinity=True,
+            out.log_probs.transpose(0, 1), targets, out.lengths, target_lengths,
+            blank=self.trainer.model.blank_index, reduction="none", zero_infinity=True,
         )
         with torch.no_grad():
-            infeasible = int((per_utterance == 0).logical_and(target_lengths.to(per_utterance.device) > 0).sum())
+            infeasible = int((per_utterance == 0).logical_and(target_lengths > 0).sum())
             emitted = out.log_probs.argmax(-1) != self.trainer.model.blank_index  # (B, T)
             if out.padding_mask is not None:
                 emitted &= ~out.padding_mask
             empty = int((~emitted.any(-1)).sum())
         return out, CTCLoss(per_utterance.sum(), int(targets.shape[0]), int(target_lengths.sum()), infeasible, empty)
 
-    def dummy_batch(self, batch: dict) -> dict:
+    def dummy_batch(self, batch: AudioBatch) -> CTCBatch:
+        if isinstance(batch, CTCBatch):
+            return batch
         # any symbol but the blank makes a valid CTC target (the pass has zero weight); not every vocabulary has <unk>
         symbol = next(i for i in range(len(self.dictionary)) if i != self.dictionary.blank_index)
-        batch.setdefault("target", torch.full((1, 1), symbol, dtype=torch.long))
-        batch.setdefault("target_lengths", torch.ones(1, dtype=torch.long))
-        return batch
+        return CTCBatch(source=batch.source[:1], padding_mask=None, ids=batch.ids[:1],
+                        target=torch.full((1, 1), symbol, dtype=torch.long),
+                        target_lengths=torch.ones(1, dtype=torch.long))
 
     def new_totals(self) -> CTCTotals:
         return CTCTotals()
@@ -245,10 +247,10 @@ class CTCTask(Task):
         self._examples = []
         self._errors = CTCTotals()
 
-    def validation_batch_done(self, batch: dict, out: CTCOutput) -> None:
+    def validation_batch_done(self, batch: CTCBatch, out: CTCOutput) -> None:
         hypotheses = self.trainer.model.decode(out)
         references = [letters_to_words(self.dictionary.string(t[:n].tolist()))
-                      for t, n in zip(batch["target"], batch["target_lengths"])]
+                      for t, n in zip(batch.target, batch.target_lengths)]
         self._errors.add_errors(error_counts(references, hypotheses, unit="word"),
                                 error_counts(references, hypotheses, unit="char"))
         for ref, hyp in zip(references, hypotheses):

@@ -13,6 +13,7 @@ import torch
 
 from xlsr.config import Wav2Vec2Config
 from xlsr.data.audio_dataset import build_dataloader
+from xlsr.data.batch import AudioBatch
 from xlsr.model import Wav2Vec2Model
 from xlsr.pretrain.config import PretrainConfig
 from xlsr.pretrain.loss import LossOutput, compute_loss
@@ -156,8 +157,8 @@ class PretrainingTask(Task):
             rank=t.rank, world_size=t.world_size, start_batch=start_batch, shuffle=shuffle,
         )
 
-    def forward_and_loss(self, model, batch: dict, source, padding_mask, layer_keep):
-        out = model(source, padding_mask, layer_keep=layer_keep)
+    def forward_and_loss(self, model, batch: AudioBatch, layer_keep):
+        out = model(batch.source, batch.padding_mask, layer_keep=layer_keep)
         return out, compute_loss(out, tuple(self.cfg.model.loss_weights))
 
     def new_totals(self) -> StepTotals:

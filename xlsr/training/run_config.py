@@ -1,11 +1,11 @@
-"""The run sections every task's config shares (hydra structured configs): process group, checkpoints; and
-how a hydra app's config is composed (``xlsr/conf/<name>.yaml``)."""
+"""The run sections every task's config shares (hydra structured configs): process group, checkpoints, the
+optimiser's common fields; and how a hydra app's config is composed (``xlsr/conf/<name>.yaml``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, List
 
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
@@ -62,6 +62,43 @@ class CheckpointConfig:
     maximize_best_metric: bool = False
     """Higher is better for ``best_metric`` (false for loss, WER, CER). fairseq
     ``checkpoint.maximize_best_checkpoint_metric``."""
+
+
+@dataclass
+class RunOptimConfig:
+    """The ``optim`` fields every task has: AdamW, the run's length, clipping, accumulation, the fp16 loss scale.
+    A task's ``optim`` subclasses it with its schedule's fields (and its recipe's defaults): pretraining's
+    polynomial decay (:class:`xlsr.pretrain.config.OptimConfig`), CTC's tri-stage
+    (:class:`xlsr.finetune.config.FineTuneOptimConfig`). fairseq keeps these in ``optimization`` / ``optimizer``."""
+
+    lr: float = 5e-4
+    """Peak learning rate. fairseq ``optimization.lr`` (a one-element list there)."""
+
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    """Adam ``(beta1, beta2)``. XLS-R and BASE: [0.9, 0.98]. fairseq ``optimizer.adam_betas``."""
+
+    eps: float = 1e-6
+    """Adam epsilon. fairseq ``optimizer.adam_eps``."""
+
+    weight_decay: float = 0.01
+    """Decoupled (AdamW) weight decay, on every parameter as fairseq's Adam."""
+
+    max_update: int = 400000
+    """Length of the schedule and of the run. fairseq ``optimization.max_update``."""
+
+    clip_norm: float = 0.0
+    """Clip the gradient's global L2 norm to this; 0 = no clipping (XLS-R). fairseq ``optimization.clip_norm``."""
+
+    update_freq: int = 1
+    """Gradient accumulation: micro-batches per update. XLS-R: 1 (on 128 GPUs). fairseq ``optimization.update_freq``
+    (a one-element list there)."""
+
+    fp16_init_scale: float = 128.0
+    """With ``precision=fp16``: the loss scale to start from. XLS-R: 128. fairseq ``common.fp16_init_scale``."""
+
+    step_in_backward: bool = False
+    """Memory saver: update each parameter inside backward and free its gradient at once (the same updates; no
+    gradient for every weight held). One process, update_freq 1, no clipping, not fp16. See xlsr/training/optim.py."""
 
 
 @dataclass

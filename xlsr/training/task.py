@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 from torch import nn
 
+from xlsr.data.batch import AudioBatch
 from xlsr.model import Wav2Vec2Model
 from xlsr.training.metrics import Totals
 
@@ -87,17 +88,21 @@ class Task(ABC):
     @abstractmethod
     def build_loader(self, manifest: str, epoch: int, start_batch: int = 0, shuffle: bool = True):
         """A loader of this rank's batches of ``manifest`` (``None`` for a rank without a batch), positioned at
-        ``start_batch`` of ``epoch``: iterable, with ``total_batches``, ``num_skipped`` and ``set_epoch(epoch,
-        start_batch, skip_global)`` (:class:`xlsr.data.audio_dataset.BatchLoader`)."""
+        ``start_batch`` of ``epoch``: a :class:`xlsr.data.audio_dataset.BatchLoader` (iterable, with
+        ``total_batches``, ``num_skipped``, ``set_epoch``, ``position``, ``global_index`` and ``state_dict`` /
+        ``load_state_dict``, by which the engine resumes), usually ``batched_loader`` over the task's
+        :class:`~xlsr.data.source.UtteranceSource`."""
 
     @abstractmethod
-    def forward_and_loss(self, model: nn.Module, batch: dict, source, padding_mask, layer_keep) -> tuple[Any, Any]:
-        """(model output, loss) of one batch. ``source`` (B, S) and ``padding_mask`` (B, S) or None are on the
-        device; ``loss.total`` () is backpropagated and ``loss.sample_size`` normalises the gradient."""
+    def forward_and_loss(self, model: nn.Module, batch: AudioBatch, layer_keep: list[bool] | None
+                         ) -> tuple[Any, Any]:
+        """(model output, loss) of one batch, already on the device (``batch.source`` (B, S), ``batch.padding_mask``
+        (B, S) or None, the task's targets); ``layer_keep``: this update's LayerDrop decisions (None: validation).
+        ``loss.total`` () is backpropagated and ``loss.sample_size`` normalises the gradient."""
 
-    def dummy_batch(self, batch: dict) -> dict:
-        """``batch`` (the first this rank trained, or seeded noise) made valid for :meth:`forward_and_loss`: a rank
-        without a batch runs it at zero weight to join the collectives."""
+    def dummy_batch(self, batch: AudioBatch) -> AudioBatch:
+        """``batch`` (the first this rank trained, or seeded noise without targets) made valid for
+        :meth:`forward_and_loss`: a rank without a batch runs it at zero weight to join the collectives."""
         return batch
 
     @abstractmethod
@@ -119,7 +124,7 @@ class Task(ABC):
     def start_validation(self) -> None:
         """Before a validation pass."""
 
-    def validation_batch_done(self, batch: dict, out: Any) -> None:
+    def validation_batch_done(self, batch: AudioBatch, out: Any) -> None:
         """After each validation batch with data (e.g. decode and count errors)."""
 
     def validation_extras(self) -> dict[str, float]:

@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from xlsr.checkpoints.sharded import load_full_into, load_sharded_into, save_sharded
 from xlsr.config import Wav2Vec2Config
+from xlsr.data.batch import AudioBatch
 from xlsr.files import write_text_atomic
 from xlsr.model import Wav2Vec2Model
 from xlsr.training import checkpointing, run_lock
@@ -181,8 +182,7 @@ class Trainer:
 
         self.num_updates = 0
         self.epoch = 1
-        self.batches_done_in_epoch = 0  # per rank after epoch_offset, padding batches included
-        self.epoch_offset = 0  # the epoch's global batches trained by an earlier run with another number of ranks
+        self._resume_position: dict[str, int] | None = None  # the training loader's position in a checkpoint
         self.layerdrop_generator = torch.Generator()
         self.metrics = MetricsLog(self.output_dir, enabled=self.is_main, tensorboard=cfg.tensorboard,
                                   headline=self.task.HEADLINE)
@@ -196,14 +196,13 @@ class Trainer:
         self.metrics.open()
         self.model.set_num_updates(self.num_updates)
 
-        self.train_loader = self.task.build_loader(cfg.data.manifest, epoch=self.epoch,
-                                              start_batch=self.batches_done_in_epoch)
-        if self.epoch_offset:
-            self.train_loader.set_epoch(self.epoch, self.batches_done_in_epoch, skip_global=self.epoch_offset)
+        self.train_loader = self.task.build_loader(cfg.data.manifest, epoch=self.epoch)
+        if self._resume_position is not None:
+            self.train_loader.load_state_dict(self._resume_position)
         self.valid_loader = None
         if cfg.data.valid_manifest:
             self.valid_loader = self.task.build_loader(cfg.data.valid_manifest, epoch=1, shuffle=False)
-        self._dummy_batch: dict | None = None  # what a rank without a batch runs at zero weight (DDP, FSDP)
+        self._dummy_batch: AudioBatch | None = None  # what a rank without a batch runs at zero weight (DDP, FSDP)
         self.epoch_totals = self.task.new_totals()  # this epoch's updates, for the end-of-epoch line
         self._epoch_updates = 0
         self._epoch_data_batches = 0  # batches with data this rank ran in this pass over the epoch
@@ -333,7 +332,8 @@ class Trainer:
         """Everything in a checkpoint but model and optimizer (a sharded checkpoint's ``trainer_state.pt``)."""
         return checkpointing.progress_state(
             self.model.cfg.to_dict(), self.scaler, num_updates=self.num_updates, epoch=self.epoch,
-            batches_done_in_epoch=self.batches_done_in_epoch, epoch_offset=self.epoch_offset,
+            batches_done_in_epoch=self.train_loader.position,
+            epoch_offset=self.train_loader.state_dict()["epoch_offset"],
             config=OmegaConf.to_container(OmegaConf.structured(self.cfg), resolve=True), best=self.best,
         )
 
@@ -347,25 +347,23 @@ class Trainer:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
         self.num_updates, self.epoch, batches_done = checkpointing.restore_progress(state, self.scaler)
-        self.batches_done_in_epoch, self.epoch_offset = self._epoch_position(batches_done, state)
+        self._resume_position = self._loader_position(batches_done, state)
         best = state.get("best")
         self.best = best if best is not None and best["metric"] == self.cfg.checkpoint.best_metric else None
 
-    def _epoch_position(self, batches_done: int, state: dict[str, Any]) -> tuple[int, int]:
-        """(this rank's batches done after the offset, the epoch's offset) from a checkpoint written by
-        ``state["world_size"]`` ranks: with another number of ranks the epoch continues at the first global batch
-        not yet trained, every rank from there."""
+    def _loader_position(self, batches_done: int, state: dict[str, Any]) -> dict[str, int]:
+        """The training loader's position (:meth:`BatchLoader.load_state_dict`) in a checkpoint written by
+        ``state["world_size"]`` ranks: with another number of ranks the loader continues the epoch at its first
+        global batch not yet trained, every rank from there."""
         saved_world = int(state.get("world_size", self.world_size))
         saved_strategy = state.get("strategy", "ddp")
         offset = int(state.get("epoch_offset", 0))
-        if (saved_world, saved_strategy) == (self.world_size, self.cfg.distributed.strategy):
-            return batches_done, offset
-        global_done = offset + batches_done * saved_world  # every round before the position was complete
-        if self.is_main:
+        if (saved_world, saved_strategy) != (self.world_size, self.cfg.distributed.strategy) and self.is_main:
             logger.warning("resuming a checkpoint of %d rank(s) (%s) on %d rank(s) (%s): epoch %d continues at its "
                            "batch %d", saved_world, saved_strategy, self.world_size, self.cfg.distributed.strategy,
-                           self.epoch, global_done)
-        return 0, global_done
+                           self.epoch, offset + batches_done * saved_world)
+        return {"epoch": self.epoch, "batches_done_in_epoch": batches_done, "epoch_offset": offset,
+                "num_replicas": saved_world}
 
     def save_checkpoint(self) -> Path | None:
         if self.sharded:
@@ -456,19 +454,18 @@ class Trainer:
                     logger.warning("%s held an earlier run: moved its outputs to %s", self.output_dir, archive)
             if path is not None:
                 logger.info("resumed from %s at update %d (epoch %d, batch %d)", path, self.num_updates,
-                            self.epoch, self.batches_done_in_epoch)
+                            self.epoch, self._resume_position["batches_done_in_epoch"])
         if choice == "auto" and path is not None:
             self._saved_update = self.num_updates
         self._barrier()
 
     # ------------------------------------------------------------------ training
-    def _update_groups(self) -> Iterator[list[tuple[int, dict | None]]]:
+    def _update_groups(self) -> Iterator[list[tuple[int, AudioBatch | None]]]:
         """This rank's rest of the epoch as updates: lists of ``update_freq`` (global batch index, batch or None)."""
-        position = self.batches_done_in_epoch
-        group: list[tuple[int, dict | None]] = []
-        for batch in self.train_loader:
-            group.append((self.epoch_offset + position * self.world_size + self.rank, batch))
-            position += 1
+        loader = self.train_loader
+        group: list[tuple[int, AudioBatch | None]] = []
+        for batch in loader:
+            group.append((loader.global_index(loader.position - 1), batch))
             if len(group) == self.cfg.optim.update_freq:
                 yield group
                 group = []
@@ -495,11 +492,10 @@ class Trainer:
         last: dict[str, Any] = {}
         while (reason := self._stop_reason(start_time)) is None:  # one pass = (the rest of) one epoch
             self._epoch_data_batches = 0
-            batches_left = self.batches_done_in_epoch < self.train_loader.total_batches
+            batches_left = self.train_loader.position < self.train_loader.total_batches
             for group in self._update_groups():
                 # 1. forward + backward of each micro-batch, then the optimizer update
-                record = self.train_step(group)
-                self.batches_done_in_epoch += len(group)
+                record = self.train_step(group)  # the loader's position has moved past the group
                 if record is None:  # fp16 overflow, or no data in the whole update: no update was made
                     continue
                 last = record
@@ -514,7 +510,7 @@ class Trainer:
                 if self._stop_reason(start_time) is not None:
                     break
             # 3. the epoch's summary line; the next epoch if this one is done
-            complete = self.batches_done_in_epoch >= self.train_loader.total_batches
+            complete = self.train_loader.position >= self.train_loader.total_batches
             loaded_none = self._epoch_data_batches == 0 and not self.epoch_totals.values["num_batches"]
             if batches_left and complete and loaded_none:
                 raise RuntimeError(f"epoch {self.epoch}: no batch of {cfg.data.manifest} could be loaded")
@@ -565,8 +561,6 @@ class Trainer:
         if self.valid_loader is not None and not self.cfg.validate_interval_updates:
             self._scheduled_validation()
         self.epoch += 1
-        self.batches_done_in_epoch = 0
-        self.epoch_offset = 0
         self.train_loader.set_epoch(self.epoch)
 
     def _autocast(self):
@@ -579,7 +573,7 @@ class Trainer:
         self.layerdrop_generator.manual_seed(_batch_seed(self.cfg.seed + 7, self.num_updates, 0))
         return self.encoder_model().encoder.sample_layer_keep(self.layerdrop_generator)
 
-    def _dummy(self) -> dict:
+    def _dummy(self) -> AudioBatch:
         """A batch for a rank that has none (run at zero weight): the first it trained, else seeded noise, made
         valid for the task (:meth:`Task.dummy_batch`)."""
         if self._dummy_batch is None:
@@ -588,10 +582,10 @@ class Trainer:
             if data.max_sample_size:
                 length = min(length, data.max_sample_size)
             noise = torch.randn(1, length, generator=torch.Generator().manual_seed(0))
-            self._dummy_batch = {"id": torch.zeros(1, dtype=torch.long), "source": noise, "padding_mask": None}
+            self._dummy_batch = AudioBatch(source=noise, padding_mask=None, ids=torch.zeros(1, dtype=torch.long))
         return self.task.dummy_batch(self._dummy_batch)
 
-    def train_step(self, group: list[tuple[int, dict | None]]) -> dict[str, float] | None:
+    def train_step(self, group: list[tuple[int, AudioBatch | None]]) -> dict[str, float] | None:
         """One optimizer update over ``update_freq`` micro-batches (gradients summed, then normalised by the
         number of masked frames of all of them on all ranks). Returns the update's record, or None when no update
         was made (fp16 overflow, or not one usable batch on any rank)."""
@@ -616,16 +610,15 @@ class Trainer:
             torch.manual_seed(_batch_seed(cfg.seed, self.epoch, global_index))
             last_micro = micro_step == len(group) - 1
             sync = contextlib.nullcontext() if (self.ddp_model is None or last_micro) else self.ddp_model.no_sync()
-            source, padding_mask = self._to_device(batch)
+            batch = batch.to(self.device, non_blocking=True)
             with sync:
                 with self._autocast():
-                    out, loss = self.task.forward_and_loss(self.forward_model, batch, source, padding_mask,
-                                                           layer_keep)
+                    out, loss = self.task.forward_and_loss(self.forward_model, batch, layer_keep)
                 if self.step_in_backward is not None:  # one micro-batch, one process: its sample size is final
                     self.step_in_backward.grad_scale = gradient_scale(self.world_size, loss.sample_size)
                 self.scaler.scale(loss.total * weight).backward()
             if weight:
-                totals.add(loss, out, audio_seconds=self._audio_seconds(source, padding_mask))
+                totals.add(loss, out, audio_seconds=batch.audio_seconds(self.model_cfg.sample_rate))
 
         # the update: normalised by the masked frames of all micro-batches on all ranks
         stats = totals.all_reduce(self.world_size, self.device)
@@ -658,18 +651,6 @@ class Trainer:
         self.task.check_health(record)
         return record
 
-    def _to_device(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A collated batch's (source (B, S), padding_mask (B, S) or None) on the training device."""
-        padding_mask = batch["padding_mask"]
-        if padding_mask is not None:
-            padding_mask = padding_mask.to(self.device, non_blocking=True)
-        return batch["source"].to(self.device, non_blocking=True), padding_mask
-
-    def _audio_seconds(self, source: torch.Tensor, padding_mask: torch.Tensor | None) -> float:
-        """Seconds of audio in a batch (B, S), padding not counted."""
-        samples = source.numel() - (int(padding_mask.sum()) if padding_mask is not None else 0)
-        return samples / self.model_cfg.sample_rate
-
     def _scheduled_validation(self) -> None:
         """A validation the schedule asks for (interval or epoch end): none before ``validate_after_updates``;
         its model kept in ``best/`` when it is the best so far."""
@@ -690,16 +671,14 @@ class Trainer:
                 break
             if batch is None:
                 if self.sharded:  # the other ranks' forwards all-gather parameters with this one
-                    dummy = self._dummy()
-                    source, padding_mask = self._to_device(dummy)
                     with self._autocast():
-                        self.task.forward_and_loss(self.model, dummy, source, padding_mask, None)
+                        self.task.forward_and_loss(self.model, self._dummy().to(self.device), None)
                 continue
             torch.manual_seed(_batch_seed(self.cfg.seed, 0, index * self.world_size + self.rank))
-            source, padding_mask = self._to_device(batch)
+            batch = batch.to(self.device, non_blocking=True)
             with self._autocast():
-                out, loss = self.task.forward_and_loss(self.model, batch, source, padding_mask, None)
-            totals.add(loss, out, audio_seconds=self._audio_seconds(source, padding_mask))
+                out, loss = self.task.forward_and_loss(self.model, batch, None)
+            totals.add(loss, out, audio_seconds=batch.audio_seconds(self.model_cfg.sample_rate))
             self.task.validation_batch_done(batch, out)
         stats = totals.all_reduce(self.world_size, self.device)
         record = self.task.record(stats)
