@@ -13,6 +13,8 @@ from xlsr.pretrain.config import PretrainConfig
 from xlsr.finetune.config import FineTuneOptimConfig
 from xlsr.pretrain.config import OptimConfig
 from xlsr.training.run_config import RunConfig, RunOptimConfig
+from xlsr.data.audio_dataset import AudioDataConfig, DataConfig
+from xlsr.finetune.data import FinetuneDataConfig
 
 RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
 
@@ -50,3 +52,17 @@ def test_model_layerdrop_is_the_old_name_of_encoder_layerdrop():
     with pytest.warns(FutureWarning, match="model.encoder_layerdrop"):
         cfg = compose_finetune([*base, "model.layerdrop=0.2"])
     assert cfg.model.encoder_layerdrop == 0.2 and cfg.model.layerdrop is None
+
+
+@pytest.mark.parametrize("data, own", [(DataConfig, {"max_sample_size", "pad"}),
+                                       (FinetuneDataConfig, {"labels", "max_sample_size", "unk", "skip_empty",
+                                                             "drop_infeasible"})])
+def test_a_task_data_section_adds_only_its_own_fields(data, own):
+    """The common data fields are declared once (a task redeclares some only for its recipe's defaults)."""
+    assert issubclass(data, AudioDataConfig)
+    common = {f.name for f in dataclasses.fields(AudioDataConfig)}
+    assert {f.name for f in dataclasses.fields(data)} - common == own
+    redeclared = set(data.__dict__.get("__annotations__", {})) & common
+    assert redeclared <= {"min_sample_size", "max_tokens"}, redeclared
+    for name in redeclared:
+        assert data.__dataclass_fields__[name].type == AudioDataConfig.__dataclass_fields__[name].type

@@ -58,11 +58,11 @@ _CROP_IN_BATCH = 1
 
 
 @dataclass
-class DataConfig:
-    """Data options of pretraining (a hydra structured config: simple types only).
+class AudioDataConfig:
+    """The data options every task has (a hydra structured config: simple types only); a task's data section
+    subclasses it, adding its own fields and redeclaring a field only for its recipe's default.
 
-    fairseq keeps most of these in ``task`` (audio_pretraining) or ``dataset``; its name is given per field.
-    "XLS-R" values are those of the released ``xlsr2_300m.pt`` cfg (per GPU, 128 GPUs).
+    fairseq keeps most of these in ``task`` or ``dataset``; its name is given per field.
     """
 
     manifest: str = "???"
@@ -73,11 +73,40 @@ class DataConfig:
     """valid.tsv path for validation; None = no validation. (fairseq: ``dataset.valid_subset`` in ``task.data``.)"""
 
     sampling_alpha: float = 1.0
-    """With several corpora, each epoch resamples corpus i to probability ∝ (hours_i / hours)^alpha; 1.0 = natural.
-    XLS-R used 0.5 (done offline in its manifests; no fairseq field)."""
+    """With several corpora, each epoch resamples corpus i to probability ∝ (hours_i / hours)^alpha; 1.0 = natural
+    (training only). XLS-R used 0.5 (done offline in its manifests; no fairseq field)."""
 
     sample_rate: int = 16000
     """Sample rate (Hz) the audio must have (or is resampled to, with ``resample``). fairseq ``task.sample_rate``."""
+
+    min_sample_size: int = 0
+    """Shorter files are dropped. fairseq ``task.min_sample_size``."""
+
+    max_tokens: int = 1_200_000
+    """Samples per batch (items * longest item after cropping). fairseq ``dataset.max_tokens``."""
+
+    normalize: Optional[bool] = None
+    """Zero-mean unit-variance normalisation of each utterance (before cropping); None: what the model asks for
+    (``Wav2Vec2Config.normalize``). XLS-R: True. fairseq ``task.normalize``."""
+
+    num_workers: int = 2
+    """DataLoader worker processes per rank. XLS-R: 6. fairseq ``dataset.num_workers``."""
+
+    skip_bad: bool = True
+    """True: skip unreadable files; False: check headers first, then fail listing them."""
+
+    resample: bool = False
+    """Resample other sample rates with soxr instead of failing."""
+
+    required_batch_size_multiple: int = 1
+    """Batch sizes are rounded down to a multiple of this where possible. XLS-R: 8 (fairseq's default).
+    fairseq ``dataset.required_batch_size_multiple``."""
+
+
+@dataclass
+class DataConfig(AudioDataConfig):
+    """Data options of pretraining: :class:`AudioDataConfig` with cropping and padding.
+    "XLS-R" values are those of the released ``xlsr2_300m.pt`` cfg (per GPU, 128 GPUs)."""
 
     max_sample_size: int = 320000
     """Longer files are randomly cropped to this many samples (20 s at 16 kHz). XLS-R: 320000.
@@ -92,23 +121,6 @@ class DataConfig:
     pad: bool = False
     """False: crop a batch to its shortest item; True: zero-pad to the longest (with a padding mask). XLS-R: False.
     fairseq ``task.enable_padding``."""
-
-    normalize: Optional[bool] = None
-    """Zero-mean unit-variance normalisation of each utterance (before cropping); None: what the model asks for
-    (``Wav2Vec2Config.normalize``). XLS-R: True. fairseq ``task.normalize``."""
-
-    num_workers: int = 2
-    """DataLoader worker processes per rank. XLS-R: 6. fairseq ``dataset.num_workers``."""
-
-    skip_bad: bool = True
-    """True: skip unreadable files; False: check headers first, then fail."""
-
-    resample: bool = False
-    """Resample other sample rates with soxr instead of failing."""
-
-    required_batch_size_multiple: int = 1
-    """Batch sizes are rounded down to a multiple of this where possible. XLS-R: 8 (fairseq's default).
-    fairseq ``dataset.required_batch_size_multiple``."""
 
 
 def check_data_config(cfg: DataConfig) -> None:

@@ -32,7 +32,7 @@ from xlsr.audio import AudioWarning
 from xlsr.finetune.labels import dictionary_path, label_path, read_labels
 from xlsr.vocabulary import Dictionary
 from xlsr.modules.feature_encoder import conv_output_length
-from xlsr.data.audio_dataset import AudioDataset, batched_loader, collate, set_loader_epoch
+from xlsr.data.audio_dataset import AudioDataConfig, AudioDataset, batched_loader, collate, set_loader_epoch
 from xlsr.data.batch import CTCBatch
 
 logger = logging.getLogger(__name__)
@@ -54,23 +54,13 @@ _PATHS_SHOWN = 5  # paths named in one summary warning
 
 
 @dataclass
-class FinetuneDataConfig:
-    """Data options of CTC fine-tuning (fairseq ``task`` = audio_finetuning / ``dataset``), simple types only.
-
-    Defaults follow fairseq's ``examples/wav2vec/config/finetuning/base_100h.yaml``.
-    """
-
-    manifest: str = "???"
-    """train.tsv path (comma-separated: several corpora); labels and ``dict.ltr.txt`` lie beside it."""
-
-    valid_manifest: Optional[str] = None
-    """valid.tsv path (its labels beside it); None = no validation."""
+class FinetuneDataConfig(AudioDataConfig):
+    """Data options of CTC fine-tuning (fairseq ``task`` = audio_finetuning / ``dataset``): :class:`AudioDataConfig`
+    with labels; defaults follow fairseq's ``examples/wav2vec/config/finetuning/base_100h.yaml``. The labels and
+    ``dict.ltr.txt`` lie beside each manifest."""
 
     labels: str = "ltr"
     """Label file extension: ``ltr`` (letters) or ``wrd`` (words, turned into letters). fairseq ``task.labels``."""
-
-    sample_rate: int = 16000
-    """Sample rate (Hz) the audio must have (or is resampled to, with ``resample``)."""
 
     min_sample_size: int = 0
     """Shorter files are dropped. fairseq ``task.min_sample_size`` (0 in the recipes)."""
@@ -80,25 +70,6 @@ class FinetuneDataConfig:
 
     max_tokens: int = 3_200_000
     """Padded samples per batch (items * longest item). fairseq ``dataset.max_tokens`` (base_100h: 3.2M)."""
-
-    normalize: Optional[bool] = None
-    """Per-utterance zero-mean unit-variance normalisation; None = what the model was pretrained with."""
-
-    sampling_alpha: float = 1.0
-    """Corpus resampling exponent with several corpora (training only); 1.0 = natural shares."""
-
-    num_workers: int = 2
-    """DataLoader workers per rank. fairseq ``dataset.num_workers``."""
-
-    skip_bad: bool = True
-    """True: skip unreadable files; False: check headers first, then fail listing them."""
-
-    resample: bool = False
-    """Resample other sample rates with soxr instead of failing."""
-
-    required_batch_size_multiple: int = 1
-    """Batch sizes rounded down to a multiple of this where possible.
-    fairseq ``dataset.required_batch_size_multiple``."""
 
     unk: bool = False
     """Map transcript characters missing from the dictionary to its unknown symbol (``<unk>``, HF's ``[UNK]``;
