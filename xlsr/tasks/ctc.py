@@ -184,11 +184,11 @@ class CTCTask(Task):
     def find_unused_parameters(self, model: Wav2Vec2ForCTC) -> bool:
         return True  # frozen conv stack, frozen encoder for freeze_finetune_updates, LayerDrop
 
-    def build_loader(self, manifest: str, epoch: int, start_batch: int = 0, shuffle: bool = True):
+    def build_loader(self, manifest: str, epoch: int, shuffle: bool = True):
         t = self.trainer
         return build_finetune_dataloader(
             self.cfg.data, manifest, self.dictionary, normalize=t.model_cfg.normalize, seed=self.cfg.seed,
-            epoch=epoch, rank=t.rank, world_size=t.world_size, start_batch=start_batch, shuffle=shuffle,
+            epoch=epoch, rank=t.rank, world_size=t.world_size, shuffle=shuffle,
             num_frames=FrameCounter(t.model_cfg.conv_layers),
         )
 

@@ -150,11 +150,11 @@ class PretrainingTask(Task):
         without a gradient, exactly as in one process."""
         return self.encoder(model).cfg.encoder_layerdrop > 0
 
-    def build_loader(self, manifest: str, epoch: int, start_batch: int = 0, shuffle: bool = True):
+    def build_loader(self, manifest: str, epoch: int, shuffle: bool = True):
         t = self.trainer
         return build_dataloader(
             self.cfg.data, manifest, normalize=t.model_cfg.normalize, seed=self.cfg.seed, epoch=epoch,
-            rank=t.rank, world_size=t.world_size, start_batch=start_batch, shuffle=shuffle,
+            rank=t.rank, world_size=t.world_size, shuffle=shuffle,
         )
 
     def forward_and_loss(self, model, batch: AudioBatch, layer_keep):

@@ -86,9 +86,9 @@ class Task(ABC):
 
     # ------------------------------------------------------------------ data and loss
     @abstractmethod
-    def build_loader(self, manifest: str, epoch: int, start_batch: int = 0, shuffle: bool = True):
-        """A loader of this rank's batches of ``manifest`` (``None`` for a rank without a batch), positioned at
-        ``start_batch`` of ``epoch``: a :class:`xlsr.data.audio_dataset.BatchLoader` (iterable, with
+    def build_loader(self, manifest: str, epoch: int, shuffle: bool = True):
+        """A loader of this rank's batches of ``manifest`` (``None`` for a rank without a batch), at the start
+        of ``epoch``: a :class:`xlsr.data.audio_dataset.BatchLoader` (iterable, with
         ``total_batches``, ``num_skipped``, ``set_epoch``, ``position``, ``global_index`` and ``state_dict`` /
         ``load_state_dict``, by which the engine resumes), usually ``batched_loader`` over the task's
         :class:`~xlsr.data.source.UtteranceSource`."""
