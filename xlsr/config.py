@@ -485,3 +485,59 @@ class CTCConfig:
         if unknown:
             raise ValueError(f"unknown CTCConfig fields: {unknown}")
         return cls(**values)
+
+
+POOLING_ACTIVATIONS = ("identity", "gelu", "relu", "tanh")
+
+
+@dataclass
+class ClassificationConfig:
+    """Everything that defines a Wav2Vec2ForSequenceClassification besides its label names (Hugging Face:
+    ``Wav2Vec2ForSequenceClassification``'s config; fairseq: ``cfg.model`` of a ``wav2vec_classification``
+    checkpoint with mean pooling)."""
+
+    encoder: Wav2Vec2Config = field(default_factory=Wav2Vec2Config)
+    """The encoder, with its fine-tuning values of dropout, LayerDrop and masking."""
+
+    num_labels: int = 2
+    """Number of classes (HF ``num_labels``; fairseq ``len(target_dictionary)``)."""
+
+    classifier_proj_size: int = 256
+    """Width of ``projector``, the per-frame Linear before pooling (HF ``classifier_proj_size``; fairseq
+    ``latent_embed_dim``, default the encoder width)."""
+
+    use_weighted_layer_sum: bool = False
+    """Pool a softmax-weighted sum of the first layer's input and every layer's output instead of the encoder output
+    (HF ``use_weighted_layer_sum``, weights ``layer_weights``)."""
+
+    pooling_activation: str = "identity"
+    """Applied to the pooled vector before ``classifier``: "identity" is HF's head; fairseq's ``activation_fn``
+    ("gelu" by default) has no place in HF's head."""
+
+    apply_mask: bool = False
+    """Apply the encoder's time / channel masks in training (HF ``apply_spec_augment``; fairseq ``apply_mask``)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.encoder, dict):
+            self.encoder = Wav2Vec2Config.from_dict(self.encoder)
+        if self.num_labels < 1:
+            raise ValueError(f"num_labels must be positive, got {self.num_labels}")
+        if self.classifier_proj_size < 1:
+            raise ValueError(f"classifier_proj_size must be positive, got {self.classifier_proj_size}")
+        if self.pooling_activation not in POOLING_ACTIVATIONS:
+            raise ValueError(f"pooling_activation must be one of {POOLING_ACTIVATIONS}, "
+                             f"got {self.pooling_activation!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["encoder"] = self.encoder.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "ClassificationConfig":
+        """From plain data (our ``config.json``); unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown ClassificationConfig fields: {unknown}")
+        return cls(**values)

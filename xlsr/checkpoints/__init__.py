@@ -32,7 +32,7 @@ __all__ = ["CheckpointError", "safe_torch_load", "detect_format", "read_checkpoi
 
 
 def detect_format(path: str | Path) -> str:
-    """'native', 'native_ctc' (our Wav2Vec2ForCTC) or 'huggingface' (directories), 'sharded-training' (a folder
+    """'native', 'native_ctc' (our Wav2Vec2ForCTC), 'native_classification' (our Wav2Vec2ForSequenceClassification) or 'huggingface' (directories), 'sharded-training' (a folder
     ``python -m xlsr.pretrain distributed.strategy=fsdp`` wrote), 'fairseq' (a ``.pt`` file: fairseq's or our
     training checkpoint)."""
     path = Path(path)
@@ -47,6 +47,8 @@ def detect_format(path: str | Path) -> str:
             return "native"
         if model_type == "xlsr-wav2vec2-ctc":
             return "native_ctc"
+        if model_type == "xlsr-wav2vec2-classification":
+            return "native_classification"
         if model_type == "wav2vec2":
             return "huggingface"
         raise CheckpointError(f"{config_file}: model_type {model_type!r} is not a wav2vec 2.0 model")

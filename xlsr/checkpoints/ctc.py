@@ -115,7 +115,7 @@ def is_ctc_checkpoint(path: str | Path) -> bool:
         return True
     if fmt == "huggingface":
         return _is_hf_ctc(path)
-    if fmt in ("native", "sharded-training"):
+    if fmt in ("native", "sharded-training", "native_classification"):
         return False
     return _is_fairseq_ctc(safe_torch_load(path))
 
