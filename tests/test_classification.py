@@ -17,6 +17,7 @@ from xlsr.checkpoints.keymap import rename, split_qkv
 
 TOL = 1e-5
 SPEECH = Path(__file__).parent / "fixtures" / "speech"
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "convert_fairseq.py"
 LABELS = ["cs", "en", "nl"]
 MAX_SAMPLES = 24000  # 1.5 s per file keeps the test fast
 
@@ -180,3 +181,41 @@ def test_fairseq_classification_state_dict_by_key_name(tmp_path):
     torch.save(checkpoint, tmp_path / "bad.pt")
     with pytest.raises(CheckpointError, match="pooling_layer.extra.weight"):
         xlsr.Wav2Vec2ForSequenceClassification.from_pretrained(tmp_path / "bad.pt")
+
+
+def test_convert_tool_writes_hf_folder_transformers_loads(tmp_path):
+    """tools/convert_fairseq.py SRC DST --to hf on a fairseq classifier with an identity activation: the folder
+    loads in AutoModelForAudioClassification and the audio-classification pipeline, same logits as ours."""
+    transformers = pytest.importorskip("transformers")
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("convert_fairseq_cls", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    torch.manual_seed(0)
+    cfg = xlsr.Wav2Vec2Config.from_preset("tiny", normalize=True)
+    encoder = xlsr.Wav2Vec2Model(cfg, pretraining_head=False).eval()
+    projector, classifier = torch.nn.Linear(cfg.encoder_embed_dim, 16), torch.nn.Linear(16, len(LABELS))
+    checkpoint = fairseq_classification_checkpoint(encoder, projector, classifier, "linear")
+    checkpoint["cfg"]["model"]["activation_fn"] = "gelu"
+    torch.save(checkpoint, tmp_path / "gelu.pt")
+    assert tool.main([str(tmp_path / "gelu.pt"), str(tmp_path / "refused"), "--to", "hf"]) == 2
+    checkpoint["cfg"]["model"]["activation_fn"] = "linear"  # fairseq's name for the identity
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    (tmp_path / "dict.lang.txt").write_text("".join(f"{label} 1\n" for label in LABELS))
+    assert tool.main([str(tmp_path / "checkpoint.pt"), str(tmp_path / "hf"), "--to", "hf", "--verify",
+                      "--tolerance", "1e-5"]) == 0
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["architectures"] == ["Wav2Vec2ForSequenceClassification"] and config["num_labels"] == 3
+    assert config["classifier_proj_size"] == 16 and config["use_weighted_layer_sum"] is False
+    assert config["label2id"] == {s: i for i, s in enumerate(LABELS)}
+    assert (tmp_path / "hf" / "preprocessor_config.json").is_file()
+
+    ours = xlsr.Wav2Vec2ForSequenceClassification.from_pretrained(tmp_path / "checkpoint.pt")
+    classify = transformers.pipeline("audio-classification", model=str(tmp_path / "hf"), device="cpu")
+    _, _, waves = speech_batch(count=4)
+    for wave in waves:
+        with torch.no_grad():
+            label = ours.labels[int(ours(normalize_waveform(wave)[None]).logits.argmax())]
+        assert classify({"raw": wave.numpy(), "sampling_rate": 16000})[0]["label"] == label

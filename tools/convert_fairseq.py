@@ -10,6 +10,12 @@ A fine-tuned CTC model (fairseq ``wav2vec_ctc``, HF ``Wav2Vec2ForCTC``, our ``Wa
 ``--to hf`` writes a ``Wav2Vec2ForCTC`` directory with ``vocab.json``, ``tokenizer_config.json`` and
 ``preprocessor_config.json`` (what ``Wav2Vec2Processor`` and transformers' ASR pipeline read), and ``--verify`` also
 compares the logits (relative to the largest |logit|).
+A classification model (fairseq ``wav2vec_classification`` with mean pooling, HF ``Wav2Vec2ForSequenceClassification``,
+ours) is converted as one: ``--to hf`` writes a ``Wav2Vec2ForSequenceClassification`` directory (``num_labels``,
+``id2label``, ``label2id``, ``classifier_proj_size``, ``use_weighted_layer_sum``, ``preprocessor_config.json``) that
+``AutoModelForAudioClassification`` and ``pipeline("audio-classification")`` load; it is refused for a model whose
+pooling has an activation (fairseq's ``activation_fn``, gelu by default), which HF's head lacks. ``--verify`` compares
+the utterance logits.
 ``--verify`` reloads DST (a Hugging Face export through ``transformers`` when it is installed) and runs SRC and DST
 on the same seeded audio: two utterances, the second right-padded. It prints the largest absolute difference over
 the valid frames for the conv features, every transformer layer, the final output and the pretraining head, and
@@ -31,6 +37,8 @@ except ImportError:  # run as a script from a checkout: make the package importa
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from xlsr.checkpoints import CheckpointError, detect_format
+from xlsr.checkpoints.classification import is_classification_checkpoint
+from xlsr.classification import Wav2Vec2ForSequenceClassification
 from xlsr.checkpoints.ctc import is_ctc_checkpoint, save_ctc_huggingface
 from xlsr.checkpoints.hub import resolve_checkpoint_path
 from xlsr.checkpoints.huggingface import save_huggingface
@@ -266,6 +274,59 @@ def verify(model: Wav2Vec2Model | Wav2Vec2ForCTC, dst: Path, to: str, tolerance:
     return True
 
 
+@torch.no_grad()
+def verify_classification(model: Wav2Vec2ForSequenceClassification, dst: Path, to: str, tolerance: float,
+                          log: Callable[[str], None]) -> bool:
+    """Reload a written classifier (an HF export through transformers' AutoModelForAudioClassification when it is
+    installed) and compare its logits with the source's on the verification audio."""
+    source, padding_mask = verification_audio(model.wav2vec2.cfg)
+    try:
+        if to == "hf":
+            from transformers import AutoModelForAudioClassification
+
+            log("reloading the export with transformers.AutoModelForAudioClassification")
+            hf_model, loading = AutoModelForAudioClassification.from_pretrained(str(dst), output_loading_info=True)
+            if loading.get("missing_keys") or loading.get("unexpected_keys"):
+                raise ValueError(f"transformers reports missing keys {sorted(loading['missing_keys'])}, "
+                                 f"unexpected keys {sorted(loading['unexpected_keys'])}")
+            result = hf_model.eval()(source, attention_mask=(~padding_mask).long()).logits
+        else:
+            result = Wav2Vec2ForSequenceClassification.from_pretrained(dst)(source, padding_mask).logits
+    except Exception as err:  # noqa: BLE001  (a damaged or inconsistent result: report, do not crash)
+        log(f"VERIFY FAILED: cannot reload {dst} ({type(err).__name__}: {err})")
+        return False
+    diff = (model.eval()(source, padding_mask).logits - result).abs().max().item()
+    log(f"  logits  max |diff| = {diff:.3e}")
+    if not diff <= tolerance:
+        log(f"VERIFY FAILED: logits differ by more than {tolerance:g}")
+        return False
+    log("verify ok")
+    return True
+
+
+def convert_classification(args: argparse.Namespace, source_format: str, log: Callable[[str], None]) -> int:
+    """The classification branch of ``main``."""
+    try:
+        model = Wav2Vec2ForSequenceClassification.from_pretrained(args.src, strict=not args.no_strict)
+        for line in describe(model.wav2vec2, source_format, getattr(model, "checkpoint_info", {})):
+            log(line)
+        cfg = model.cfg
+        log(f"classifier:      {cfg.encoder.encoder_embed_dim} -> {cfg.classifier_proj_size} -> mean -> "
+            f"{cfg.pooling_activation} -> {cfg.num_labels} labels, weighted layer sum {cfg.use_weighted_layer_sum}")
+        log(f"labels:          {' '.join(model.labels[:40])}{' ...' if len(model.labels) > 40 else ''}")
+        if args.dst.exists() and args.dst.resolve() == args.src.resolve():
+            print("error: DST must differ from SRC", file=sys.stderr)
+            return 2
+        model.save_pretrained(args.dst, huggingface=args.to == "hf")
+    except CheckpointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    log(f"wrote {'Hugging Face' if args.to == 'hf' else 'native'} classification checkpoint to {args.dst}")
+    if args.verify and not verify_classification(model, args.dst, args.to, args.tolerance, log):
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("src", type=Path, help="fairseq .pt, Hugging Face directory, our directory, or a Hugging Face "
@@ -284,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.src = resolve_checkpoint_path(args.src)
         source_format = detect_format(args.src)
+        if is_classification_checkpoint(args.src):
+            return convert_classification(args, source_format, log)
         ctc = is_ctc_checkpoint(args.src)
         model = (Wav2Vec2ForCTC if ctc else Wav2Vec2Model).from_pretrained(args.src, strict=not args.no_strict)
     except CheckpointError as err:

@@ -487,7 +487,7 @@ class CTCConfig:
         return cls(**values)
 
 
-POOLING_ACTIVATIONS = ("identity", "gelu", "relu", "tanh")
+POOLING_ACTIVATIONS = ("identity", "gelu", "relu", "tanh")  # fairseq's activation_fn "linear" is "identity"
 
 
 @dataclass

@@ -56,6 +56,7 @@ _PRETRAINING_HEAD = ("quantizer.", "project_q.", "final_proj.")
 FAIRSEQ_NAME = "wav2vec_classification"
 FAIRSEQ_ENCODER = "w2v_encoder.w2v_model."
 FAIRSEQ_HEAD = {"pooling_layer.linear.": "projector.", "pooling_layer.projection.": "classifier."}
+_FAIRSEQ_ACTIVATIONS = {"linear": "identity"}  # fairseq activation_fn -> ours
 Read = tuple[ClassificationConfig, dict[str, torch.Tensor], list[str], dict[str, Any]]
 
 
@@ -174,12 +175,13 @@ def read_fairseq_classification(checkpoint: Any, path: Path) -> Read:
         labels_from = dict_file.name
         if len(labels) != num_labels:
             raise CheckpointError(f"{dict_file}: {len(labels)} labels for a head of {num_labels} outputs")
+    activation = str(model_cfg.get("activation_fn") or "gelu")
     try:
         cfg = ClassificationConfig(
             encoder=encoder_cfg,
             num_labels=num_labels,
             classifier_proj_size=head["projector.weight"].shape[0],
-            pooling_activation=str(model_cfg.get("activation_fn") or "gelu"),
+            pooling_activation=_FAIRSEQ_ACTIVATIONS.get(activation, activation),
             apply_mask=bool(model_cfg.get("apply_mask", False)),
         )
     except (TypeError, ValueError) as err:
