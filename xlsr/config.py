@@ -403,8 +403,29 @@ def finetuning_encoder_config(pretrained: Wav2Vec2Config, **settings: Any) -> Wa
     return dataclasses.replace(pretrained, **values)
 
 
+class HeadConfig:
+    """What the config of a model with a head (``CTCConfig``, ``ClassificationConfig``) shares: its ``encoder``
+    (a ``Wav2Vec2Config``) and the plain-data form of our ``config.json``."""
+
+    encoder: Wav2Vec2Config
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["encoder"] = self.encoder.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]):
+        """From plain data (our ``config.json``); unknown keys are an error."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} fields: {unknown}")
+        return cls(**values)
+
+
 @dataclass
-class CTCConfig:
+class CTCConfig(HeadConfig):
     """Everything that defines a Wav2Vec2ForCTC besides its vocabulary (fairseq: ``cfg.model`` of a ``wav2vec_ctc``
     checkpoint, its ``w2v_args`` and the CTC criterion's settings; Hugging Face: ``Wav2Vec2ForCTC``'s config)."""
 
@@ -472,26 +493,13 @@ class CTCConfig:
         if self.text_style not in TEXT_STYLES:
             raise ValueError(f"text_style must be one of {TEXT_STYLES}, got {self.text_style!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["encoder"] = self.encoder.to_dict()
-        return out
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "CTCConfig":
-        """From plain data (our ``config.json``); unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown CTCConfig fields: {unknown}")
-        return cls(**values)
 
 
 POOLING_ACTIVATIONS = ("identity", "gelu", "relu", "tanh")  # fairseq's activation_fn "linear" is "identity"
 
 
 @dataclass
-class ClassificationConfig:
+class ClassificationConfig(HeadConfig):
     """Everything that defines a Wav2Vec2ForSequenceClassification besides its label names (Hugging Face:
     ``Wav2Vec2ForSequenceClassification``'s config; fairseq: ``cfg.model`` of a ``wav2vec_classification``
     checkpoint with mean pooling)."""
@@ -528,16 +536,3 @@ class ClassificationConfig:
             raise ValueError(f"pooling_activation must be one of {POOLING_ACTIVATIONS}, "
                              f"got {self.pooling_activation!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        out["encoder"] = self.encoder.to_dict()
-        return out
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ClassificationConfig":
-        """From plain data (our ``config.json``); unknown keys are an error."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown ClassificationConfig fields: {unknown}")
-        return cls(**values)
