@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import importlib
 import importlib.util
+import inspect
 import io
 import re
 import shlex
@@ -169,10 +170,13 @@ def _parse_with_tool(main, args: list[str], monkeypatch) -> tuple[int | None, st
         raise _Parsed
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    takes_argv = bool(inspect.signature(main).parameters)
+    if not takes_argv:  # main() reads sys.argv
+        monkeypatch.setattr(sys, "argv", [getattr(main, "__module__", "tool"), *args])
     output = io.StringIO()
     try:
         with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
-            main(args)
+            main(args) if takes_argv else main()
     except _Parsed:
         return None, output.getvalue()
     except SystemExit as exit_:
