@@ -35,8 +35,11 @@ REPO = Path(__file__).resolve().parents[1]
 DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 README_MAX_LINES = 150
 
-# Modules the docs name that parallel work adds; skipped (not failed) while they cannot be imported.
+# Modules and pages the docs name that parallel work adds; skipped (not failed) while they are not here.
 LANDING = {"xlsr.doctor", "xlsr.classify", "xlsr.features"}
+LANDING_PAGES = {"docs/classification.md", "docs/classify-and-features.md", "docs/probing.md", "docs/data.md",
+                 "docs/data-lhotse.md", "docs/doctor.md"}
+_LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 _FENCE = re.compile(r"^```(\w*)\s*$")
 _INLINE = re.compile(r"`([^`\n]+)`")
@@ -281,3 +284,23 @@ def test_configuration_page_is_generated():
     page = config_docs.PAGE.read_text(encoding="utf-8")
     assert page == config_docs.page_with(reference, page), \
         "docs/configuration.md is out of date: run python tools/config_docs.py"
+
+
+def test_relative_links_point_to_files():
+    """Every relative link of README.md and docs/*.md names a file or folder of the repository."""
+    missing, landing = [], []
+    for path in DOC_FILES:
+        if not path.exists():
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for target in _LINK.findall(line):
+                if target.startswith(("http://", "https://", "#", "mailto:")):
+                    continue
+                resolved = (path.parent / target.split("#", 1)[0]).resolve()
+                if resolved.exists():
+                    continue
+                name = resolved.relative_to(REPO).as_posix() if resolved.is_relative_to(REPO) else target
+                (landing if name in LANDING_PAGES else missing).append(f"{path.relative_to(REPO)}:{number}: {target}")
+    assert not missing, "links to nothing:\n" + "\n".join(missing)
+    if landing:
+        pytest.skip(f"{len(landing)} link(s) to pages not in this checkout yet, e.g. {landing[0]}")
