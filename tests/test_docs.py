@@ -257,6 +257,8 @@ def test_documented_commands_parse(module, monkeypatch):
         return
 
     main = _load_main(module)
+    assert not hasattr(main, "__wrapped__"), \
+        f"{module} is a hydra app without {module}.config.compose_config: add one so its documented keys are checked"
     status, printed = _parse_with_tool(main, ["--help"], monkeypatch)
     assert status == 0 and "usage:" in printed, f"{module} --help: exit {status}\n{printed[-2000:]}"
     for where, args in uses:
