@@ -111,6 +111,9 @@ def invocation(tokens: list[str]) -> tuple[str, list[str]] | None:
     return (module, args) if module == "xlsr" or module.startswith("xlsr.") else None
 
 
+MENTIONS: dict[str, str] = {}  # module -> where inline text first names it without arguments
+
+
 def _all_invocations() -> dict[str, list[tuple[str, list[str]]]]:
     """Module or script -> the (``file:line``, arguments) of each command running it (none: only named)."""
     by_module = defaultdict(list)
@@ -126,11 +129,10 @@ def _all_invocations() -> dict[str, list[tuple[str, list[str]]]]:
                     by_module[module].append((where, args))
                 else:
                     by_module.setdefault(module, [])
-                    mentions.setdefault(module, where)
+                    MENTIONS.setdefault(module, where)
     return dict(by_module)
 
 
-mentions: dict[str, str] = {}  # module -> where inline text first names it without arguments
 INVOCATIONS = _all_invocations()
 
 
@@ -230,7 +232,7 @@ def test_readme_is_short():
 @pytest.mark.parametrize("module", sorted(INVOCATIONS))
 def test_documented_commands_parse(module, monkeypatch):
     uses = INVOCATIONS[module]
-    first = uses[0][0] if uses else mentions[module]
+    first = uses[0][0] if uses else MENTIONS[module]
     if module.endswith(".py"):
         assert (REPO / module).exists(), f"{first}: {module} does not exist"
     else:
