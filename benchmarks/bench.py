@@ -67,7 +67,7 @@ for _path in (str(ROOT), str(HERE)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from flops import workload_flops  # noqa: E402
+from xlsr.flops import workload_flops  # noqa: E402
 from impls import CTC_VOCAB, fairseq_importable, make_inputs  # noqa: E402
 from machine import LoadMeter, ceiling_main, machine_description, measure_ceiling  # noqa: E402
 from mfu import mfu_mode, mfu_worker_main  # noqa: E402

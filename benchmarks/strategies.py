@@ -129,7 +129,7 @@ def strategies_mode(args) -> int:
     from mfu import PEAK_BF16_TFLOPS
 
     import xlsr
-    from flops import workload_flops
+    from xlsr.flops import workload_flops
     from xlsr.manifest import write_manifest
 
     machine = machine_description(args.device)
