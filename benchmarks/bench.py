@@ -68,7 +68,8 @@ for _path in (str(ROOT), str(HERE)):
         sys.path.insert(0, _path)
 
 from xlsr.flops import workload_flops  # noqa: E402
-from impls import CTC_VOCAB, fairseq_importable, make_inputs  # noqa: E402
+from xlsr.workloads import CTC_VOCAB, make_inputs  # noqa: E402
+from impls import fairseq_importable  # noqa: E402
 from machine import LoadMeter, ceiling_main, machine_description, measure_ceiling  # noqa: E402
 from mfu import mfu_mode, mfu_worker_main  # noqa: E402
 from strategies import add_arguments as add_strategy_arguments  # noqa: E402

@@ -11,13 +11,12 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
 from workers import last_reply, reply, run_child
 
-from xlsr.machine import cpu_description
+from xlsr.machine import cpu_description, matmul_gflops
 
 
 def machine_description(device: str) -> dict:
@@ -106,20 +105,7 @@ def ceiling_main(spec: dict) -> None:
             while n > 512 and 2.0 * n**3 * per_flop > 10.0:
                 n //= 2
             out[f"n_{name}"] = n
-        a = torch.randn(n, n, dtype=dtype, device=device)
-        b = torch.randn(n, n, dtype=dtype, device=device)
-        times = []
-        for i in range(reps + 2):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(spec["inner"]):
-                torch.matmul(a, b)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= 2:
-                times.append((time.perf_counter() - t0) / spec["inner"])
-        out[name] = 2.0 * n**3 / statistics.median(times) / 1e9
+        out[name] = matmul_gflops(n, dtype, device, reps, spec["inner"])
     reply(out)
 
 

@@ -13,7 +13,8 @@ import sys
 
 from xlsr.flops import peak_bf16_tflops, workload_flops
 from xlsr.machine import largest_batch
-from impls import make_inputs, make_runner
+from xlsr.workloads import make_inputs
+from impls import make_runner
 from machine import machine_description, measure_ceiling
 from report import MFU_HEADER, mfu_failed_row, mfu_row, write_mfu_results
 from workers import last_reply, peak_rss_mb, reply, run_child, worker_env

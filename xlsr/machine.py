@@ -38,3 +38,28 @@ def largest_batch(fits: Callable[[int], bool], max_batch: int) -> int:
         mid = (low + high) // 2
         low, high = (mid, high) if fits(mid) else (low, mid)
     return low
+
+
+def matmul_gflops(n: int, dtype, device, reps: int = 5, inner: int = 1) -> float:
+    """GFLOP/s of ``torch.matmul`` on two n x n matrices of ``dtype`` on ``device``: the median over ``reps`` timings
+    (after 2 untimed) of ``inner`` products each (2 n^3 FLOPs a product)."""
+    import statistics
+    import time
+
+    import torch
+
+    device = torch.device(device)
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    times = []
+    for i in range(reps + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(inner):
+            torch.matmul(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 2:
+            times.append((time.perf_counter() - start) / inner)
+    return 2.0 * n**3 / statistics.median(times) / 1e9
