@@ -5,6 +5,7 @@ reports its timings."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from xlsr.doctor.checks import CHECKS, kernel_of
-from xlsr.doctor.cli import main
+from xlsr.doctor.cli import checked, parse_args
 from xlsr.flops import peak_bf16_tflops
 from xlsr.machine import largest_batch
 
@@ -90,12 +91,18 @@ def test_bench_reports_each_workload(tmp_path):
     (["--only", "forward,nothing"], "--only: no check is called nothing"),
     (["--device", "tpu"], "--device 'tpu'"),
     (["--workers", "-1"], "--workers must be 0 or more"),
+    (["--compile-timeout", "-5"], "--compile-timeout must be 0 (no limit) or more"),
 ])
-def test_bad_arguments_are_one_line_errors(args, message, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+def test_bad_arguments_are_named(args, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        checked(parse_args(args))
+
+
+def test_bad_arguments_exit_with_code_2_and_one_line():
+    result = doctor("--only", "nothing")
+    assert result.returncode == 2, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [f"error: --only: no check is called nothing (checks: "
+                                                  f"{', '.join(check.name for check in CHECKS)})"]
 
 
 def test_helpers():

@@ -84,13 +84,19 @@ def format_bench(row: dict) -> str:
             f"MFU {100 * row['mfu']:.1f} %, peak memory {row['peak_memory_gb']:.1f} GB")
 
 
+def checked(args: argparse.Namespace) -> tuple[torch.device, list]:
+    """The device and the checks the arguments ask for; ValueError naming the argument that is wrong."""
+    if args.workers < 0:
+        raise ValueError(f"--workers must be 0 or more, got {args.workers}")
+    if args.compile_timeout < 0:
+        raise ValueError(f"--compile-timeout must be 0 (no limit) or more, got {args.compile_timeout:g}")
+    return environment.pick_device(args.device), selected_checks(args.only)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
-        device = environment.pick_device(args.device)
-        checks = selected_checks(args.only)
-        if args.workers < 0:
-            raise ValueError(f"--workers must be 0 or more, got {args.workers}")
+        device, checks = checked(args)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
