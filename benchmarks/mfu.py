@@ -2,7 +2,7 @@
 
 Per implementation, one child process (``--mfu-worker``, ``mfu_worker_main``) finds the largest batch of
 ``--crop`` s crops that trains (doubling, then bisection; or ``--batch``) and times ``--reps`` steps after
-``--warmup``. The parent (``mfu_mode``) sets the achieved FLOP/s (flops.py) against the device's dense bf16 peak
+``--warmup``. The parent (``mfu_mode``) sets the achieved FLOP/s (xlsr/flops.py) against the device's dense bf16 peak
 (``xlsr.flops.PEAK_BF16_TFLOPS`` or ``--peak-tflops``) and a measured bf16 matmul ceiling (machine.py).
 """
 
