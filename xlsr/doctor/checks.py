@@ -1,6 +1,7 @@
 """The doctor's checks: short runs of the real code paths on one device, each PASS, FAIL or SKIP with its reason.
 
-A check is a function ``(Context) -> str``: it returns what it found (PASS), raises :class:`Skip` with the reason
+A check is a function ``(Context) -> str``: it returns what it found (PASS; or ``(str, dict)``: the dict goes to
+the JSON report as the row's ``data``), raises :class:`Skip` with the reason
 (SKIP) or :class:`CheckFailed` / any other exception (FAIL). Every check runs the same device-agnostic code on a CPU
 and on a GPU; only what exists on CUDA alone (fused attention kernels, NCCL, pinned memory, TF32) branches on the
 device, and :data:`CHECKS` marks the checks that are CUDA-only (SKIP on a CPU, with the reason).
@@ -15,6 +16,7 @@ import copy
 import math
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -83,6 +85,7 @@ class CheckResult:
     detail: str  # what was found, the reason of a SKIP, or what failed
     seconds: float
     cuda_only: bool
+    data: dict = field(default_factory=dict)  # what a check found besides its one line (JSON only)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -102,8 +105,11 @@ def run_check(check: Check, ctx: Context) -> CheckResult:
     start = time.perf_counter()
     if check.cuda_only and not ctx.cuda:
         return CheckResult(check.name, "SKIP", "CUDA only (this run is on the CPU)", 0.0, True)
+    data: dict = {}
     try:
         status, detail = "PASS", check.run(ctx)
+        if isinstance(detail, tuple):
+            detail, data = detail
     except Skip as why:
         status, detail = "SKIP", str(why)
     except CheckFailed as err:
@@ -111,9 +117,12 @@ def run_check(check: Check, ctx: Context) -> CheckResult:
     except Exception as err:  # noqa: BLE001 (a check that crashes has found a fault: report it and go on)
         status, detail = "FAIL", f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
     if ctx.cuda:
-        torch.cuda.synchronize(ctx.device)
-        torch.cuda.empty_cache()
-    return CheckResult(check.name, status, detail, time.perf_counter() - start, check.cuda_only)
+        try:
+            torch.cuda.synchronize(ctx.device)
+            torch.cuda.empty_cache()
+        except RuntimeError as err:  # an asynchronous CUDA error of this check's kernels
+            status, detail = "FAIL", f"{detail}; then CUDA reported: {str(err).strip().splitlines()[0]}"
+    return CheckResult(check.name, status, detail, time.perf_counter() - start, check.cuda_only, data)
 
 
 # ---------------------------------------------------------------------------------------------- shared pieces
@@ -210,8 +219,6 @@ def forward_check(precision: str) -> Callable[[Context], str]:
             source = source.to(torch.bfloat16).float()
         with torch.no_grad(), true_fp32(), autocast(ctx.device, precision):
             out = model.extract_features(source, padding.to(ctx.device)).x
-        if precision != "fp32" and out.dtype != DTYPES[precision]:
-            raise CheckFailed(f"autocast to {precision} did not run: the output is {out.dtype}")
         if not torch.isfinite(out).all():
             raise CheckFailed("the output has NaN or inf")
         error = relative_error(out[valid.to(ctx.device)], reference.x[valid])
@@ -326,12 +333,19 @@ def sdpa_kernels(ctx: Context) -> dict:
                 reference = attention(x, attn_mask)
             kernels, worst = {}, relative_error(out, reference)
             for name in SDPA_BACKENDS:
-                try:
-                    with sdpa_kernel([getattr(SDPBackend, name)]):
-                        restricted = attention(x, attn_mask)
-                except RuntimeError as err:
-                    kernels[name] = str(err).strip().splitlines()[0][:80] if str(err).strip() else "unavailable"
+                if not hasattr(SDPBackend, name):
+                    kernels[name] = f"not in torch {torch.__version__}"
                     continue
+                # a backend that cannot run warns why, then raises "no available kernel": keep the warning
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    try:
+                        with sdpa_kernel([getattr(SDPBackend, name)]):
+                            restricted = attention(x, attn_mask)
+                    except RuntimeError as err:
+                        why = [str(w.message) for w in caught] + [str(err)]
+                        kernels[name] = " ".join(why[0].split())[:120]
+                        continue
                 kernels[name] = "ok"
                 worst = max(worst, relative_error(restricted, reference))
         found[case] = {"default": kernel_of(ops), "kernels": kernels, "error": worst}
@@ -339,9 +353,9 @@ def sdpa_kernels(ctx: Context) -> dict:
     return found
 
 
-def sdpa_check(ctx: Context) -> str:
-    """Which SDPA kernel the model's attention runs (unpadded and padded batches), and which others are available;
-    every kernel that runs must equal the math kernel."""
+def sdpa_check(ctx: Context) -> tuple[str, dict]:
+    """Which SDPA kernel the model's attention runs (unpadded and padded batches), and which others are available
+    (the JSON has why the others are not); every kernel that runs must equal the math kernel."""
     found = sdpa_kernels(ctx)
     limit = 1e-5 if found["dtype"] == "float32" else 2e-2
     parts = []
@@ -351,7 +365,7 @@ def sdpa_check(ctx: Context) -> str:
             raise CheckFailed(f"{case}: a kernel differs from the math kernel by {info['error']:.1e} (limit {limit:.0e})")
         available = [name.split("_")[0].lower() for name, state in info["kernels"].items() if state == "ok"]
         parts.append(f"{case}: {info['default']} (available: {', '.join(available)})")
-    return f"{found['dtype']}; " + "; ".join(parts)
+    return f"{found['dtype']}; " + "; ".join(parts), found
 
 
 def sdpa_fused_check(ctx: Context) -> str:
