@@ -96,7 +96,7 @@ class Check:
     """A named check; ``cuda_only``: SKIP on a CPU (what it checks exists on CUDA only)."""
 
     name: str
-    run: Callable[[Context], str]
+    run: Callable[[Context], str | tuple[str, dict]]
     cuda_only: bool = False
 
 
