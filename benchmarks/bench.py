@@ -38,14 +38,16 @@ GPU mode (``--device cuda``)
     ``--device cpu --mfu`` runs the same code on the CPU (use ``--preset tiny`` to keep it short).
 
 Code: this file is the command line and the CPU mode's loop (workloads, interleaved repetitions); beside it
-    flops.py       the analytic FLOP model
     machine.py     machine description, load meter (quiet waits, noise), matmul ceiling
     workers.py     the worker-process protocol (children of this file, JSON lines), worker environment, RSS
-    impls.py       the implementations: shared inputs, model builders, inference / train step, optimiser
+    impls.py       the implementations: model builders, inference / train step, optimiser
     op_profile.py  ``--profile``: torch.profiler self CPU time per op group
     report.py      console lines, Markdown tables, RESULTS.md / results.json / RESULTS_<device>.md
     mfu.py         GPU mode: batch search, MFU worker and table
     strategies.py  ``--strategy``: the real trainer under DDP / FSDP on N ranks (torchrun), memory per rank, MFU
+and in the package (shared with ``python -m xlsr.doctor --bench``): xlsr/flops.py (the analytic FLOP model, the GPU
+bf16 peaks), xlsr/workloads.py (the shared inputs, the CTC workload), xlsr/machine.py (CPU flags, batch search,
+matmul timing).
 """
 
 from __future__ import annotations
@@ -67,8 +69,9 @@ for _path in (str(ROOT), str(HERE)):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 
-from flops import workload_flops  # noqa: E402
-from impls import CTC_VOCAB, fairseq_importable, make_inputs  # noqa: E402
+from xlsr.flops import workload_flops  # noqa: E402
+from xlsr.workloads import CTC_VOCAB, make_inputs  # noqa: E402
+from impls import fairseq_importable  # noqa: E402
 from machine import LoadMeter, ceiling_main, machine_description, measure_ceiling  # noqa: E402
 from mfu import mfu_mode, mfu_worker_main  # noqa: E402
 from strategies import add_arguments as add_strategy_arguments  # noqa: E402

@@ -1,6 +1,6 @@
 """The machine the benchmark runs on: what it is, how busy others keep it, and its matmul ceiling.
 
-    machine_description  CPU model, core count and ISA flags (lscpu), GPU name, torch / transformers / Python
+    machine_description  CPU model, core count and ISA flags (xlsr.machine.cpu_description), GPU name, torch / transformers / Python
     LoadMeter            CPU use of other processes from /proc/stat: wait for a quiet machine, measure the noise
     measure_ceiling      torch.matmul GFLOP/s on large square matrices, fp32 and bf16, in a child process
                          (``--ceiling-worker``, ``ceiling_main``)
@@ -11,12 +11,12 @@ from __future__ import annotations
 import datetime
 import os
 import platform
-import statistics
-import subprocess
 import time
 from pathlib import Path
 
 from workers import last_reply, reply, run_child
+
+from xlsr.machine import cpu_description, matmul_gflops
 
 
 def machine_description(device: str) -> dict:
@@ -29,18 +29,7 @@ def machine_description(device: str) -> dict:
         info["transformers"] = transformers.__version__
     except ImportError:
         info["transformers"] = "not installed"
-    model = platform.processor() or platform.machine()
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
-        model = fields.get("Model name", model)
-        info["cpus"] = fields.get("CPU(s)", "?")
-        flags = fields.get("Flags", "").split()
-        info["isa"] = " ".join(f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in flags)
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    info["cpu"] = model
+    info.update(cpu_description())
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -116,20 +105,7 @@ def ceiling_main(spec: dict) -> None:
             while n > 512 and 2.0 * n**3 * per_flop > 10.0:
                 n //= 2
             out[f"n_{name}"] = n
-        a = torch.randn(n, n, dtype=dtype, device=device)
-        b = torch.randn(n, n, dtype=dtype, device=device)
-        times = []
-        for i in range(reps + 2):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(spec["inner"]):
-                torch.matmul(a, b)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if i >= 2:
-                times.append((time.perf_counter() - t0) / spec["inner"])
-        out[name] = 2.0 * n**3 / statistics.median(times) / 1e9
+        out[name] = matmul_gflops(n, dtype, device, reps, spec["inner"])
     reply(out)
 
 

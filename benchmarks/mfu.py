@@ -2,8 +2,8 @@
 
 Per implementation, one child process (``--mfu-worker``, ``mfu_worker_main``) finds the largest batch of
 ``--crop`` s crops that trains (doubling, then bisection; or ``--batch``) and times ``--reps`` steps after
-``--warmup``. The parent (``mfu_mode``) sets the achieved FLOP/s (flops.py) against the device's dense bf16 peak
-(``PEAK_BF16_TFLOPS`` or ``--peak-tflops``) and a measured bf16 matmul ceiling (machine.py).
+``--warmup``. The parent (``mfu_mode``) sets the achieved FLOP/s (xlsr/flops.py) against the device's dense bf16 peak
+(``xlsr.flops.PEAK_BF16_TFLOPS`` or ``--peak-tflops``) and a measured bf16 matmul ceiling (machine.py).
 """
 
 from __future__ import annotations
@@ -11,39 +11,13 @@ from __future__ import annotations
 import gc
 import sys
 
-from flops import workload_flops
-from impls import make_inputs, make_runner
+from xlsr.flops import peak_bf16_tflops, workload_flops
+from xlsr.machine import largest_batch
+from xlsr.workloads import make_inputs
+from impls import make_runner
 from machine import machine_description, measure_ceiling
 from report import MFU_HEADER, mfu_failed_row, mfu_row, write_mfu_results
 from workers import last_reply, peak_rss_mb, reply, run_child, worker_env
-
-# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by substring of torch.cuda.get_device_name().
-PEAK_BF16_TFLOPS = [
-    ("H200", 989.4),
-    ("H100 PCIe", 756.0),
-    ("H100", 989.4),
-    ("GH200", 989.4),
-    ("B200", 2250.0),
-    ("A100", 312.0),
-    ("A10G", 70.0),
-    ("L40S", 362.0),
-    ("L4", 121.0),
-    ("RTX 4090", 165.2),
-    ("RTX 3090", 71.0),
-]
-
-
-def largest_batch(fits, max_batch: int) -> int:
-    """The largest batch in 1..max_batch with ``fits(batch)``, by doubling then bisection; 0 when none fits."""
-    low, high = 0, 1
-    while high <= max_batch and fits(high):
-        low, high = high, high * 2
-    high = min(high, max_batch + 1)
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if fits(mid) else (low, mid)
-    return low
-
 
 def mfu_worker_main(spec: dict) -> None:
     """Child: find the largest batch that fits (or use spec['batch']), then time train steps."""
@@ -103,7 +77,7 @@ def mfu_mode(args) -> None:
     ceiling = measure_ceiling(args)
     peak = args.peak_tflops
     if peak is None and args.device == "cuda":
-        peak = next((p for key, p in PEAK_BF16_TFLOPS if key in name), None)
+        peak = peak_bf16_tflops(name)
     print(f"# {name}, torch {machine['torch']}; bf16 matmul ceiling {ceiling['bf16'] / 1000:.1f} TFLOP/s"
           + (f", peak {peak:.0f} TFLOP/s" if peak else ""), flush=True)
     lines = list(MFU_HEADER)

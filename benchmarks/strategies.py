@@ -13,7 +13,7 @@ per rank: peak RSS (``getrusage``: the most resident host memory the process eve
 updates, after the checkpoint and after the final model; on a GPU the peak allocated device memory. From rank 0's
 ``metrics.jsonl``: frames per second of the updates after the first (20 ms frames; each step's time is its audio
 over its ``audio_sec_per_sec``), and MFU against the device's dense bf16 peak (``mfu.PEAK_BF16_TFLOPS``, or
-``--peak-tflops``; the train step's model FLOPs of flops.py for utterances of ``--crop`` s, half the frames masked).
+``--peak-tflops``; the train step's model FLOPs of xlsr/flops.py for utterances of ``--crop`` s, half the frames masked).
 The fixtures are 1.0-2.4 s long: on a GPU, longer crops need a manifest of longer audio (``--manifest``).
 Not a test: the numbers depend on the machine, the allocator and what else runs.
 """
@@ -129,7 +129,7 @@ def strategies_mode(args) -> int:
     from mfu import PEAK_BF16_TFLOPS
 
     import xlsr
-    from flops import workload_flops
+    from xlsr.flops import workload_flops
     from xlsr.manifest import write_manifest
 
     machine = machine_description(args.device)

@@ -1,4 +1,6 @@
-"""Analytic FLOP model of wav2vec 2.0: model FLOPs (multiply-add = 2) of a forward pass and of a train step.
+"""Analytic FLOP model of wav2vec 2.0: model FLOPs (multiply-add = 2) of a forward pass and of a train step, and
+the dense bf16 peaks of known accelerators (``PEAK_BF16_TFLOPS``, :func:`peak_bf16_tflops`) that MFU divides by.
+Used by ``python -m xlsr.doctor --bench`` and by benchmarks/ (mfu.py, bench.py, strategies.py).
 
 The same count serves every implementation, so GFLOP/s and MFU compare like with like: conv stack, feature
 projection, positional conv, the transformer layers and, for training, the contrastive head on the masked frames;
@@ -64,3 +66,25 @@ def workload_flops(cfg, kind: str, batch: int, samples: int, masked: int, vocab:
     if kind == "finetune":
         return finetune_flops(cfg, batch, samples, vocab)
     return 3.0 * forward_flops(cfg, batch, samples, masked, head=True)
+
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by substring of torch.cuda.get_device_name(); the first
+# matching entry wins, so a more specific name comes before a shorter one it contains ("H100 PCIe" before "H100").
+PEAK_BF16_TFLOPS = [
+    ("H200", 989.4),
+    ("H100 PCIe", 756.0),
+    ("H100", 989.4),
+    ("GH200", 989.4),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("A10G", 70.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("RTX 4090", 165.2),
+    ("RTX 3090", 71.0),
+]
+
+
+def peak_bf16_tflops(device_name: str) -> float | None:
+    """The dense bf16 peak (TFLOP/s) of the device named ``device_name`` (``PEAK_BF16_TFLOPS``), None if unknown."""
+    return next((peak for key, peak in PEAK_BF16_TFLOPS if key in device_name), None)
