@@ -47,6 +47,7 @@ __all__ = [
     "build_dataloader",
     "set_loader_epoch",
     "check_data_config",
+    "check_data_source",
 ]
 
 # Per-file warnings at construction are capped per reason (a corpus can hold thousands of
@@ -68,9 +69,9 @@ class AudioDataConfig:
     fairseq keeps most of these in ``task`` or ``dataset``; its name is given per field.
     """
 
-    manifest: str = "???"
+    manifest: Optional[str] = None
     """train.tsv path (from ``python -m xlsr.manifest``); several comma-separated paths = several corpora.
-    fairseq: ``task.data`` (a folder holding train.tsv)."""
+    fairseq: ``task.data`` (a folder holding train.tsv). Needed unless ``hf_dataset`` is set."""
 
     valid_manifest: Optional[str] = None
     """valid.tsv path for validation; None = no validation. (fairseq: ``dataset.valid_subset`` in ``task.data``.)"""
@@ -105,6 +106,31 @@ class AudioDataConfig:
     """Batch sizes are rounded down to a multiple of this where possible. XLS-R: 8 (fairseq's default).
     fairseq ``dataset.required_batch_size_multiple``."""
 
+    hf_dataset: Optional[str] = None
+    """Train on a Hugging Face ``datasets`` dataset instead of manifests (needs ``pip install 'xlsr[hf-datasets]'``):
+    a folder written by ``save_to_disk``, a ``.parquet`` / ``.arrow`` file, or a folder of ``.parquet`` files
+    (``xlsr.data.hf_dataset.open_hf_split``). Its rows in order train exactly as a manifest of the same files would
+    (the same sizes, batches and crops); audio is decoded with soundfile, never by ``datasets``."""
+
+    hf_split: Optional[str] = "train"
+    """With ``hf_dataset``: the training split (of a ``DatasetDict``; or the parquet files named after it). None:
+    the only split there is."""
+
+    hf_valid_split: Optional[str] = None
+    """With ``hf_dataset``: the validation split (e.g. ``validation``); None = no validation."""
+
+    audio_column: str = "audio"
+    """With ``hf_dataset``: the audio column: ``datasets.Audio`` (bytes embedded, or paths; read undecoded) or a
+    string column of paths (relative ones from the dataset's folder)."""
+
+    length_column: Optional[str] = None
+    """With ``hf_dataset``: a column holding each row's length in samples at ``sample_rate`` (used as a manifest's
+    sizes); None = read every row's header at start (no decoding)."""
+
+    label_column: Optional[str] = None
+    """With ``hf_dataset``: the column of class labels (strings), for a classification task
+    (``HFAudioDataset.labels``); pretraining and CTC ignore it."""
+
 
 @dataclass
 class DataConfig(AudioDataConfig):
@@ -126,8 +152,21 @@ class DataConfig(AudioDataConfig):
     fairseq ``task.enable_padding``."""
 
 
+def check_data_source(cfg: AudioDataConfig) -> None:
+    """Raise ValueError unless the data come from exactly one place (``manifest`` or ``hf_dataset``)."""
+    if not cfg.manifest and not cfg.hf_dataset:
+        raise ValueError("data: set data.manifest (a train.tsv) or data.hf_dataset (a Hugging Face dataset)")
+    if cfg.manifest and cfg.hf_dataset:
+        raise ValueError(f"data: both data.manifest ({cfg.manifest}) and data.hf_dataset ({cfg.hf_dataset}) are "
+                         "set; train on one of them")
+    if cfg.hf_dataset and cfg.valid_manifest:
+        raise ValueError("data: data.valid_manifest with data.hf_dataset; validate on a split of the dataset "
+                         "(data.hf_valid_split)")
+
+
 def check_data_config(cfg: DataConfig) -> None:
     """Raise ValueError for inconsistent sizes or out-of-range options."""
+    check_data_source(cfg)
     if cfg.min_sample_size < 0 or cfg.max_sample_size <= 0:
         raise ValueError("data: min_sample_size must be >= 0 and max_sample_size > 0")
     if cfg.min_sample_size > cfg.max_sample_size:
@@ -645,6 +684,16 @@ class LengthBatchSampler(Sampler[list[int]]):
             yield list(batch)
 
 
+def data_normalize(cfg: AudioDataConfig, model_normalize: bool) -> bool:
+    """Whether to normalise utterances: the model's choice unless ``cfg.normalize`` overrides it (with a warning)."""
+    if cfg.normalize is None:
+        return model_normalize
+    if cfg.normalize != model_normalize:
+        logger.warning("data.normalize=%s overrides the model's normalize=%s; the model was built for the latter",
+                       cfg.normalize, model_normalize)
+    return cfg.normalize
+
+
 def build_dataloader(
     cfg: DataConfig,
     manifest: str,
@@ -667,19 +716,13 @@ def build_dataloader(
     Use :func:`set_loader_epoch` for later epochs; ``loader.dataset.num_skipped`` counts skips.
     """
     check_data_config(cfg)
-    if cfg.normalize is not None and cfg.normalize != normalize:
-        logger.warning(
-            "data.normalize=%s overrides the model's normalize=%s; the model was built for the latter",
-            cfg.normalize,
-            normalize,
-        )
     dataset = AudioDataset(
         manifest,
         sample_rate=cfg.sample_rate,
         min_sample_size=cfg.min_sample_size,
         max_sample_size=cfg.max_sample_size,
         pad=cfg.pad,
-        normalize=normalize if cfg.normalize is None else cfg.normalize,
+        normalize=data_normalize(cfg, normalize),
         sampling_alpha=cfg.sampling_alpha if shuffle else 1.0,
         skip_bad=cfg.skip_bad,
         resample=cfg.resample,

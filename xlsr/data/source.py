@@ -11,9 +11,8 @@ Its ``collater`` turns loaded items into a typed batch (:mod:`xlsr.data.batch`).
 :class:`~xlsr.data.audio_dataset.BatchLoader` (length-bucketed batches, DDP sharding, exact resume by
 ``state_dict`` / ``load_state_dict``), which is all the engine sees. Other sources plug in here:
 
-* a Hugging Face ``datasets`` split: a class with these members over the ``Dataset`` (``sizes`` from the audio
-  column's lengths, ``__getitem__`` decoding row ``i``, ``key`` its id or path), returned by the task's
-  ``build_loader`` through ``batched_loader``;
+* a Hugging Face ``datasets`` split: :class:`xlsr.data.hf_dataset.HFAudioDataset` (an ``AudioDataset`` reading
+  the dataset's rows instead of a manifest's files), chosen by the tasks when ``data.hf_dataset`` is set;
 * a Lhotse stream (a lazy ``CutSet``) is not map-style: it brings its own bucketing sampler; wrap it in a loader
   with the :class:`~xlsr.data.audio_dataset.BatchLoader` members (``total_batches``, ``num_skipped``,
   ``set_epoch``, ``position``, ``global_index``, ``state_dict`` / ``load_state_dict``) and return that instead.
@@ -56,3 +55,12 @@ class UtteranceSource(Protocol):
 
     def collater(self, samples: list[Optional[dict]]) -> Optional[AudioBatch]:
         """Loaded items -> one batch (None when none is left)."""
+
+
+def data_splits(data_cfg) -> tuple[Optional[str], Optional[str]]:
+    """What the engine passes to ``Task.build_loader`` for training and for validation (None: no validation): the
+    manifests (``data.manifest``, ``data.valid_manifest``), or with ``data.hf_dataset`` the split names
+    (``data.hf_split``, ``data.hf_valid_split``)."""
+    if getattr(data_cfg, "hf_dataset", None):
+        return data_cfg.hf_split, data_cfg.hf_valid_split
+    return data_cfg.manifest, data_cfg.valid_manifest
