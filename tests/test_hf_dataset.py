@@ -235,3 +235,18 @@ def test_empty_transcript_is_named(digits, tmp_path):
     cfg = FinetuneDataConfig(hf_dataset=str(tmp_path / "hf"))
     with pytest.raises(LabelError, match=r"hf:train\[4\]: empty transcript"):
         hf_split_transcripts(cfg, None)
+
+
+def test_audio_given_as_paths_loads_as_the_manifest(speech, tmp_path):
+    """A string column of paths (relative ones from the dataset's folder) instead of embedded bytes."""
+    import shutil
+
+    manifest, _ = speech
+    (tmp_path / "hf" / "audio").mkdir(parents=True)
+    relative = []
+    for i, path in enumerate(manifest_files(manifest)):
+        relative.append(f"audio/{i}.flac")
+        shutil.copy(path, tmp_path / "hf" / relative[-1])
+    datasets.Dataset.from_dict({"file": relative}).save_to_disk(str(tmp_path / "hf"))
+    same_items(AudioDataset(str(manifest), max_sample_size=20000, seed=2),
+               HFAudioDataset(str(tmp_path / "hf"), audio_column="file", max_sample_size=20000, seed=2))

@@ -4,8 +4,9 @@ A source is map-style: item ``i`` (``0 <= i < len(source)``) of the current epoc
 (``sizes[i]``, what length-bucketing packs by), loads as ``{"id": i, "source": float32 (S,), ...}`` (or None when
 it could not be read, counted in ``num_skipped``) and has a stable ``key(i)`` (its file, for messages and checks).
 Its ``collater`` turns loaded items into a typed batch (:mod:`xlsr.data.batch`). Implementations:
-:class:`xlsr.data.audio_dataset.AudioDataset` (a manifest's files, pretraining) and
-:class:`xlsr.finetune.data.LabelledAudioDataset` (the same with transcripts, CTC).
+:class:`xlsr.data.audio_dataset.AudioDataset` (a manifest's files, pretraining),
+:class:`xlsr.data.hf_dataset.HFAudioDataset` (a Hugging Face dataset's rows, through the same code) and
+:class:`xlsr.finetune.data.LabelledAudioDataset` (either with transcripts, CTC).
 
 :func:`xlsr.data.audio_dataset.batched_loader` puts any source behind a
 :class:`~xlsr.data.audio_dataset.BatchLoader` (length-bucketed batches, DDP sharding, exact resume by
