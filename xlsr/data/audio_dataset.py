@@ -506,8 +506,10 @@ class AudioDataset(Dataset):
             return None
         if self.normalize:  # over the whole utterance, before cropping, as fairseq
             wav = normalize_waveform(wav)
-        # Crop to the size batching planned with, so a stale manifest cannot overfill a batch.
-        wav = _random_crop(wav, int(self.sizes[i]), _item_rng(self.seed, self.epoch, i, _CROP_IN_ITEM))
+        # Crop to the size batching planned with, so a stale manifest cannot overfill a batch (the generator, slow
+        # to seed, only when there is something to crop).
+        if wav.shape[0] > int(self.sizes[i]):
+            wav = _random_crop(wav, int(self.sizes[i]), _item_rng(self.seed, self.epoch, i, _CROP_IN_ITEM))
         return {"id": i, "source": wav}
 
     def collater(self, samples: list[Optional[dict]]) -> Optional[AudioBatch]:
