@@ -56,7 +56,7 @@ def test_model_layerdrop_is_the_old_name_of_encoder_layerdrop():
 
 @pytest.mark.parametrize("data, own", [(DataConfig, {"max_sample_size", "pad"}),
                                        (FinetuneDataConfig, {"labels", "max_sample_size", "unk", "skip_empty",
-                                                             "drop_infeasible"})])
+                                                             "drop_infeasible", "text_column", "text_keep_case"})])
 def test_a_task_data_section_adds_only_its_own_fields(data, own):
     """The common data fields are declared once (a task redeclares some only for its recipe's defaults)."""
     assert issubclass(data, AudioDataConfig)

@@ -6,6 +6,7 @@ file's path, so a bad file in a corpus of millions can be found and removed.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import warnings
@@ -17,7 +18,8 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AudioError", "AudioWarning", "load_audio", "normalize_waveform", "audio_info"]
+__all__ = ["AudioError", "AudioWarning", "load_audio", "load_audio_bytes", "normalize_waveform", "audio_info",
+           "audio_bytes_info"]
 
 # Paths already warned about (per process), so a file read every epoch warns only once.
 _warned_downmix: set[str] = set()
@@ -66,6 +68,16 @@ def audio_info(path: str | os.PathLike) -> tuple[int, int, int]:
     return int(info.frames), int(info.samplerate), int(info.channels)
 
 
+def audio_bytes_info(data: bytes, name: str) -> tuple[int, int, int]:
+    """:func:`audio_info` of an encoded file held in memory (e.g. a row of a Hugging Face dataset); errors name
+    ``name``."""
+    try:
+        info = soundfile.info(io.BytesIO(data))
+    except Exception as err:
+        raise AudioError(name, f"cannot read header ({_describe(err)})") from err
+    return int(info.frames), int(info.samplerate), int(info.channels)
+
+
 def load_audio(path: str | os.PathLike, sample_rate: int = 16000, resample: bool = False) -> np.ndarray:
     """Decode ``path`` into a mono float32 waveform at ``sample_rate``.
 
@@ -81,38 +93,49 @@ def load_audio(path: str | os.PathLike, sample_rate: int = 16000, resample: bool
     """
     path = os.fspath(path)
     _check_exists(path)
+    return _decode(path, path, sample_rate, resample)
+
+
+def load_audio_bytes(data: bytes, name: str, sample_rate: int = 16000, resample: bool = False) -> np.ndarray:
+    """:func:`load_audio` of an encoded file held in memory (any format libsndfile reads: WAV, FLAC, OGG, MP3);
+    errors and warnings name ``name``."""
+    return _decode(io.BytesIO(data), name, sample_rate, resample)
+
+
+def _decode(source, name: str, sample_rate: int, resample: bool) -> np.ndarray:
+    """Decode ``source`` (a path or a file object) as :func:`load_audio` does; ``name`` names it in errors."""
     try:
-        wav, file_rate = soundfile.read(path, dtype="float32", always_2d=True)  # (S, C)
+        wav, file_rate = soundfile.read(source, dtype="float32", always_2d=True)  # (S, C)
     except Exception as err:
-        raise AudioError(path, f"cannot decode ({_describe(err)})") from err
+        raise AudioError(name, f"cannot decode ({_describe(err)})") from err
 
     if wav.shape[0] == 0:
-        raise AudioError(path, "empty (0 samples)")
+        raise AudioError(name, "empty (0 samples)")
     if file_rate != sample_rate and not resample:
         raise AudioError(
-            path,
+            name,
             f"sample rate is {file_rate} Hz, expected {sample_rate} Hz (resample the corpus, or enable resampling)",
         )
 
     if wav.shape[1] > 1:
-        if path not in _warned_downmix:
-            _warned_downmix.add(path)
+        if name not in _warned_downmix:
+            _warned_downmix.add(name)
             warnings.warn(
-                f"{path}: {wav.shape[1]} channels, downmixed to mono (mean over channels)",
+                f"{name}: {wav.shape[1]} channels, downmixed to mono (mean over channels)",
                 AudioWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
         mono = wav.mean(axis=1, dtype=np.float32)
     else:
         mono = wav[:, 0]
 
     if not np.isfinite(mono).all():
-        raise AudioError(path, "contains NaN or infinite samples")
+        raise AudioError(name, "contains NaN or infinite samples")
 
     if file_rate != sample_rate:
-        mono = _resample(mono, file_rate, sample_rate, path)
+        mono = _resample(mono, file_rate, sample_rate, name)
         if mono.shape[0] == 0:
-            raise AudioError(path, f"empty after resampling {file_rate} Hz -> {sample_rate} Hz")
+            raise AudioError(name, f"empty after resampling {file_rate} Hz -> {sample_rate} Hz")
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 

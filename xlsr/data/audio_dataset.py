@@ -29,6 +29,7 @@ from typing import Iterator, Optional, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm import tqdm
 
 from xlsr.audio import AudioError, AudioWarning, audio_info, load_audio, normalize_waveform
 from xlsr.data.batch import AudioBatch
@@ -46,11 +47,14 @@ __all__ = [
     "build_dataloader",
     "set_loader_epoch",
     "check_data_config",
+    "check_data_source",
 ]
 
 # Per-file warnings at construction are capped per reason (a corpus can hold thousands of
 # too-short clips); the full list is always in ``AudioDataset.dropped``.
 MAX_FILES_WARNED = 100
+# Header checks of at least this many files show a progress bar.
+HEADER_PROGRESS_MIN = 10_000
 
 # Streams of the per-item Generator seeded with (seed, epoch, index, stream).
 _CROP_IN_ITEM = 0
@@ -65,9 +69,9 @@ class AudioDataConfig:
     fairseq keeps most of these in ``task`` or ``dataset``; its name is given per field.
     """
 
-    manifest: str = "???"
+    manifest: Optional[str] = None
     """train.tsv path (from ``python -m xlsr.manifest``); several comma-separated paths = several corpora.
-    fairseq: ``task.data`` (a folder holding train.tsv)."""
+    fairseq: ``task.data`` (a folder holding train.tsv). Needed unless ``hf_dataset`` is set."""
 
     valid_manifest: Optional[str] = None
     """valid.tsv path for validation; None = no validation. (fairseq: ``dataset.valid_subset`` in ``task.data``.)"""
@@ -102,6 +106,31 @@ class AudioDataConfig:
     """Batch sizes are rounded down to a multiple of this where possible. XLS-R: 8 (fairseq's default).
     fairseq ``dataset.required_batch_size_multiple``."""
 
+    hf_dataset: Optional[str] = None
+    """Train on a Hugging Face ``datasets`` dataset instead of manifests (needs ``pip install 'xlsr[hf-datasets]'``):
+    a folder written by ``save_to_disk``, a ``.parquet`` / ``.arrow`` file, or a folder of ``.parquet`` files
+    (``xlsr.data.hf_dataset.open_hf_split``). Its rows in order train exactly as a manifest of the same files would
+    (the same sizes, batches and crops); audio is decoded with soundfile, never by ``datasets``."""
+
+    hf_split: Optional[str] = "train"
+    """With ``hf_dataset``: the training split (of a ``DatasetDict``; or the parquet files named after it). None:
+    the only split there is."""
+
+    hf_valid_split: Optional[str] = None
+    """With ``hf_dataset``: the validation split (e.g. ``validation``); None = no validation."""
+
+    audio_column: str = "audio"
+    """With ``hf_dataset``: the audio column: ``datasets.Audio`` (bytes embedded, or paths; read undecoded) or a
+    string column of paths (relative ones from the dataset's folder)."""
+
+    length_column: Optional[str] = None
+    """With ``hf_dataset``: a column holding each row's length in samples at ``sample_rate`` (used as a manifest's
+    sizes); None = read every row's header at start (no decoding)."""
+
+    label_column: Optional[str] = None
+    """With ``hf_dataset``: the column of class labels (strings), for a classification task
+    (``HFAudioDataset.labels``); pretraining and CTC ignore it."""
+
 
 @dataclass
 class DataConfig(AudioDataConfig):
@@ -123,8 +152,21 @@ class DataConfig(AudioDataConfig):
     fairseq ``task.enable_padding``."""
 
 
+def check_data_source(cfg: AudioDataConfig) -> None:
+    """Raise ValueError unless the data come from exactly one place (``manifest`` or ``hf_dataset``)."""
+    if not cfg.manifest and not cfg.hf_dataset:
+        raise ValueError("data: set data.manifest (a train.tsv) or data.hf_dataset (a Hugging Face dataset)")
+    if cfg.manifest and cfg.hf_dataset:
+        raise ValueError(f"data: both data.manifest ({cfg.manifest}) and data.hf_dataset ({cfg.hf_dataset}) are "
+                         "set; train on one of them")
+    if cfg.hf_dataset and cfg.valid_manifest:
+        raise ValueError("data: data.valid_manifest with data.hf_dataset; validate on a split of the dataset "
+                         "(data.hf_valid_split)")
+
+
 def check_data_config(cfg: DataConfig) -> None:
     """Raise ValueError for inconsistent sizes or out-of-range options."""
+    check_data_source(cfg)
     if cfg.min_sample_size < 0 or cfg.max_sample_size <= 0:
         raise ValueError("data: min_sample_size must be >= 0 and max_sample_size > 0")
     if cfg.min_sample_size > cfg.max_sample_size:
@@ -225,21 +267,11 @@ class AudioDataset(Dataset):
             manifests = [m.strip() for m in manifests.split(",") if m.strip()]
         if not manifests:
             raise ValueError("AudioDataset needs at least one manifest")
-        self.manifests = list(manifests)
-        self.sample_rate = sample_rate
-        self.min_sample_size = min_sample_size
-        self.max_sample_size = max_sample_size if max_sample_size is not None else np.iinfo(np.int64).max
-        self.pad = pad
-        self.normalize = normalize
-        self.sampling_alpha = sampling_alpha
-        self.skip_bad = skip_bad
-        self.resample = resample
-        self.seed = seed
-        self.epoch = epoch
-        self.dropped: list[tuple[str, str]] = []  # (path, reason) of every file left out
-        self._warned_bad: set[str] = set()
-        # Shared between DataLoader workers so the main process sees their skips.
-        self._skip_counter = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._set_options(
+            manifests, sample_rate=sample_rate, min_sample_size=min_sample_size, max_sample_size=max_sample_size,
+            pad=pad, normalize=normalize, sampling_alpha=sampling_alpha, skip_bad=skip_bad, resample=resample,
+            seed=seed, epoch=epoch,
+        )
 
         paths: list[str] = []
         sizes: list[int] = []
@@ -281,13 +313,40 @@ class AudioDataset(Dataset):
                 )
 
         self._paths = _StringTable(paths)
+        self._set_rows(sizes, corpus, rows, check_headers)
+
+    def _set_options(self, corpora: Sequence[str], *, sample_rate: int, min_sample_size: int,
+                     max_sample_size: Optional[int], pad: bool, normalize: bool, sampling_alpha: float,
+                     skip_bad: bool, resample: bool, seed: int, epoch: int) -> None:
+        """The options every source of this class keeps (see the constructor); ``corpora`` names the corpora
+        (``manifests``: manifest paths, or another source's names)."""
+        self.manifests = list(corpora)
+        self.sample_rate = sample_rate
+        self.min_sample_size = min_sample_size
+        self.max_sample_size = max_sample_size if max_sample_size is not None else np.iinfo(np.int64).max
+        self.pad = pad
+        self.normalize = normalize
+        self.sampling_alpha = sampling_alpha
+        self.skip_bad = skip_bad
+        self.resample = resample
+        self.seed = seed
+        self.epoch = epoch
+        self.dropped: list[tuple[str, str]] = []  # (path, reason) of every file left out
+        self._warned_bad: set[str] = set()
+        # Shared between DataLoader workers so the main process sees their skips.
+        self._skip_counter = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    def _set_rows(self, sizes: Sequence[int], corpus: Sequence[int], rows: Sequence[int],
+                  check_headers: bool) -> None:
+        """The stored items: their sizes in samples, corpus numbers and rows in their corpus (each item's stored
+        row ``j`` is its position in these lists); then ``validate()`` when ``check_headers``, else the epoch."""
         self._num_samples = np.asarray(sizes, dtype=np.int64)  # header length of each file
         self._corpus = np.asarray(corpus, dtype=np.int32)
         self._row = np.asarray(rows, dtype=np.int64)
         if check_headers:
             self.validate()  # also calls set_epoch
         else:
-            self.set_epoch(epoch)
+            self.set_epoch(self.epoch)
 
     # ----------------------------------------------------------------- epoch state
 
@@ -337,7 +396,27 @@ class AudioDataset(Dataset):
 
     def path(self, i: int) -> str:
         """File path of item ``i`` of this epoch."""
-        return self._paths[int(self._index[i])]
+        return self._stored_name(int(self._index[i]))
+
+    # ----------------------------------------------------------------- reading one stored row
+    # What a source other than a manifest overrides (with ``_set_options`` / ``_set_rows`` in its constructor):
+    # everything else (sizes, corpus resampling, cropping, batching, bad rows) is this class's.
+
+    def _stored_name(self, j: int) -> str:
+        """Stored row ``j``'s name in messages and keys: here its file's path."""
+        return self._paths[j]
+
+    def _read_header(self, j: int) -> tuple[int, int, int]:
+        """``(num_samples, sample_rate, channels)`` of stored row ``j`` (:func:`xlsr.audio.audio_info`)."""
+        return audio_info(self._paths[j])
+
+    def _read_audio(self, j: int) -> np.ndarray:
+        """Stored row ``j`` decoded: float32 (S,) at ``sample_rate`` (:func:`xlsr.audio.load_audio`)."""
+        return load_audio(self._paths[j], self.sample_rate, resample=self.resample)
+
+    def _keep_stored(self, keep: np.ndarray) -> None:
+        """Keep only the stored rows ``keep`` (the per-row tables a subclass holds besides sizes, corpus, row)."""
+        self._paths = self._paths.subset(keep)
 
     # ----------------------------------------------------------------- checks
 
@@ -349,12 +428,12 @@ class AudioDataset(Dataset):
         headers (converted to ``sample_rate`` when resampling); files that become shorter than
         ``min_sample_size`` are dropped as too short. Returns the bad ``(path, reason)`` list.
         """
-        num_files = len(self._paths)
-        paths = [self._paths[i] for i in range(num_files)]
+        num_files = len(self._num_samples)
+        paths = [self._stored_name(j) for j in range(num_files)]
 
-        def check(path: str) -> tuple[Optional[int], Optional[str]]:
+        def check(j: int) -> tuple[Optional[int], Optional[str]]:
             try:
-                frames, rate, _ = audio_info(path)
+                frames, rate, _ = self._read_header(j)
             except AudioError as err:
                 return None, err.reason
             if frames <= 0:
@@ -366,7 +445,8 @@ class AudioDataset(Dataset):
             return frames, None
 
         with concurrent.futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
-            results = list(pool.map(check, paths))
+            results = list(tqdm(pool.map(check, range(num_files)), total=num_files, desc="reading headers",
+                                unit="file", disable=num_files < HEADER_PROGRESS_MIN, leave=False))
 
         bad = [(path, reason) for path, (_, reason) in zip(paths, results) if reason is not None]
         if bad and not self.skip_bad:
@@ -383,7 +463,7 @@ class AudioDataset(Dataset):
         if len(keep) == 0:
             raise ValueError(f"{', '.join(self.manifests)}: no usable audio left after checking headers")
         if len(keep) < num_files:
-            self._paths = self._paths.subset(keep)
+            self._keep_stored(keep)
             self._corpus = self._corpus[keep]
             self._row = self._row[keep]
         self._num_samples = new_sizes[keep]
@@ -412,21 +492,24 @@ class AudioDataset(Dataset):
         return len(self._index)
 
     def __getitem__(self, i: int) -> Optional[dict]:
-        path = self.path(i)
+        j = int(self._index[i])
         try:
-            wav = torch.from_numpy(load_audio(path, self.sample_rate, resample=self.resample))
+            wav = torch.from_numpy(self._read_audio(j))
         except AudioError as err:
             if not self.skip_bad:
                 raise
             self._skip_counter += 1
+            path = self._stored_name(j)
             if path not in self._warned_bad:
                 self._warned_bad.add(path)
                 warnings.warn(f"{err}; skipped", AudioWarning, stacklevel=2)
             return None
         if self.normalize:  # over the whole utterance, before cropping, as fairseq
             wav = normalize_waveform(wav)
-        # Crop to the size batching planned with, so a stale manifest cannot overfill a batch.
-        wav = _random_crop(wav, int(self.sizes[i]), _item_rng(self.seed, self.epoch, i, _CROP_IN_ITEM))
+        # Crop to the size batching planned with, so a stale manifest cannot overfill a batch (the generator, slow
+        # to seed, only when there is something to crop).
+        if wav.shape[0] > int(self.sizes[i]):
+            wav = _random_crop(wav, int(self.sizes[i]), _item_rng(self.seed, self.epoch, i, _CROP_IN_ITEM))
         return {"id": i, "source": wav}
 
     def collater(self, samples: list[Optional[dict]]) -> Optional[AudioBatch]:
@@ -603,6 +686,16 @@ class LengthBatchSampler(Sampler[list[int]]):
             yield list(batch)
 
 
+def data_normalize(cfg: AudioDataConfig, model_normalize: bool) -> bool:
+    """Whether to normalise utterances: the model's choice unless ``cfg.normalize`` overrides it (with a warning)."""
+    if cfg.normalize is None:
+        return model_normalize
+    if cfg.normalize != model_normalize:
+        logger.warning("data.normalize=%s overrides the model's normalize=%s; the model was built for the latter",
+                       cfg.normalize, model_normalize)
+    return cfg.normalize
+
+
 def build_dataloader(
     cfg: DataConfig,
     manifest: str,
@@ -625,19 +718,13 @@ def build_dataloader(
     Use :func:`set_loader_epoch` for later epochs; ``loader.dataset.num_skipped`` counts skips.
     """
     check_data_config(cfg)
-    if cfg.normalize is not None and cfg.normalize != normalize:
-        logger.warning(
-            "data.normalize=%s overrides the model's normalize=%s; the model was built for the latter",
-            cfg.normalize,
-            normalize,
-        )
     dataset = AudioDataset(
         manifest,
         sample_rate=cfg.sample_rate,
         min_sample_size=cfg.min_sample_size,
         max_sample_size=cfg.max_sample_size,
         pad=cfg.pad,
-        normalize=normalize if cfg.normalize is None else cfg.normalize,
+        normalize=data_normalize(cfg, normalize),
         sampling_alpha=cfg.sampling_alpha if shuffle else 1.0,
         skip_bad=cfg.skip_bad,
         resample=cfg.resample,

@@ -4,16 +4,16 @@ A source is map-style: item ``i`` (``0 <= i < len(source)``) of the current epoc
 (``sizes[i]``, what length-bucketing packs by), loads as ``{"id": i, "source": float32 (S,), ...}`` (or None when
 it could not be read, counted in ``num_skipped``) and has a stable ``key(i)`` (its file, for messages and checks).
 Its ``collater`` turns loaded items into a typed batch (:mod:`xlsr.data.batch`). Implementations:
-:class:`xlsr.data.audio_dataset.AudioDataset` (a manifest's files, pretraining) and
-:class:`xlsr.finetune.data.LabelledAudioDataset` (the same with transcripts, CTC).
+:class:`xlsr.data.audio_dataset.AudioDataset` (a manifest's files, pretraining),
+:class:`xlsr.data.hf_dataset.HFAudioDataset` (a Hugging Face dataset's rows, through the same code) and
+:class:`xlsr.finetune.data.LabelledAudioDataset` (either with transcripts, CTC).
 
 :func:`xlsr.data.audio_dataset.batched_loader` puts any source behind a
 :class:`~xlsr.data.audio_dataset.BatchLoader` (length-bucketed batches, DDP sharding, exact resume by
 ``state_dict`` / ``load_state_dict``), which is all the engine sees. Other sources plug in here:
 
-* a Hugging Face ``datasets`` split: a class with these members over the ``Dataset`` (``sizes`` from the audio
-  column's lengths, ``__getitem__`` decoding row ``i``, ``key`` its id or path), returned by the task's
-  ``build_loader`` through ``batched_loader``;
+* a Hugging Face ``datasets`` split: :class:`xlsr.data.hf_dataset.HFAudioDataset` (an ``AudioDataset`` reading
+  the dataset's rows instead of a manifest's files), chosen by the tasks when ``data.hf_dataset`` is set;
 * a Lhotse stream (a lazy ``CutSet``) is not map-style: it brings its own bucketing sampler; wrap it in a loader
   with the :class:`~xlsr.data.audio_dataset.BatchLoader` members (``total_batches``, ``num_skipped``,
   ``set_epoch``, ``position``, ``global_index``, ``state_dict`` / ``load_state_dict``) and return that instead.
@@ -56,3 +56,12 @@ class UtteranceSource(Protocol):
 
     def collater(self, samples: list[Optional[dict]]) -> Optional[AudioBatch]:
         """Loaded items -> one batch (None when none is left)."""
+
+
+def data_splits(data_cfg) -> tuple[Optional[str], Optional[str]]:
+    """What the engine passes to ``Task.build_loader`` for training and for validation (None: no validation): the
+    manifests (``data.manifest``, ``data.valid_manifest``), or with ``data.hf_dataset`` the split names
+    (``data.hf_split``, ``data.hf_valid_split``)."""
+    if getattr(data_cfg, "hf_dataset", None):
+        return data_cfg.hf_split, data_cfg.hf_valid_split
+    return data_cfg.manifest, data_cfg.valid_manifest

@@ -103,12 +103,13 @@ class FineTuneConfig(RunConfig):
     model: FineTuneModelConfig = field(default_factory=FineTuneModelConfig)
     """The checkpoint to start from and the encoder's fine-tuning settings."""
     data: FinetuneDataConfig = field(default_factory=_finetune_data)
-    """Audio and transcripts: manifests with labels beside them, batching (whole utterances, padded)."""
+    """Audio and transcripts: manifests with labels beside them, or a Hugging Face dataset with a text column
+    (``data.hf_dataset``, ``data.text_column``); batching (whole utterances, padded)."""
     dictionary: Optional[str] = None
     """``dict.ltr.txt``; None = a fine-tuned ``model.init_from``'s own vocabulary (its indices and blank, fairseq's,
     Hugging Face's or ours: a ``dict.ltr.txt`` beside the manifest that differs is ignored with a warning, as the
     head's outputs are the model's), else the ``dict.ltr.txt`` beside the training manifest, else one built from
-    its transcripts. Saved to output_dir either way. A transcript character missing from it is an error naming the
+    its transcripts (with ``data.hf_dataset``: from the training split's ``data.text_column``). Saved to output_dir either way. A transcript character missing from it is an error naming the
     label file and line (``data.unk=true``: the unknown symbol, ``<unk>`` or ``[UNK]``)."""
     optim: FineTuneOptimConfig = field(default_factory=FineTuneOptimConfig)
     """Optimizer and schedule."""

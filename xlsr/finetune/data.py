@@ -29,10 +29,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from xlsr.audio import AudioWarning
-from xlsr.finetune.labels import dictionary_path, label_path, read_labels
+from xlsr.data.hf_dataset import (HFAudioDataset, build_hf_audio_dataset, column_strings, open_hf_split, row_names,
+                                   split_name)
+from xlsr.finetune.labels import dictionary_path, label_path, read_labels, text_transcripts
 from xlsr.vocabulary import Dictionary
 from xlsr.modules.feature_encoder import conv_output_length
-from xlsr.data.audio_dataset import AudioDataConfig, AudioDataset, batched_loader, collate, set_loader_epoch
+from xlsr.data.audio_dataset import (AudioDataConfig, AudioDataset, batched_loader, check_data_source, collate,
+                                     data_normalize,
+                                     set_loader_epoch)
 from xlsr.data.batch import CTCBatch
 
 logger = logging.getLogger(__name__)
@@ -47,6 +51,8 @@ __all__ = [
     "FrameCounter",
     "frames_of",
     "build_finetune_dataloader",
+    "hf_transcripts",
+    "hf_split_transcripts",
     "set_loader_epoch",
 ]
 
@@ -82,9 +88,18 @@ class FinetuneDataConfig(AudioDataConfig):
     """Drop items too short for their transcript under CTC (see :func:`ctc_feasible`) instead of only counting
     them in a warning. fairseq keeps them (``zero_infinity`` makes their loss 0)."""
 
+    text_column: str = "sentence"
+    """With ``hf_dataset``: the column of transcripts (words, as a ``.wrd`` line or a transcript table's text:
+    Common Voice's ``sentence``), turned into letters exactly as ``python -m xlsr.manifest --transcripts`` does
+    (Unicode NFC, whitespace collapsed, upper-cased unless ``text_keep_case``; then ``words_to_letters``)."""
+
+    text_keep_case: bool = False
+    """With ``text_column``: keep the transcripts' case (``python -m xlsr.manifest --keep-case``)."""
+
 
 def check_finetune_data_config(cfg) -> None:
     """Raise ValueError for out-of-range sizes or options."""
+    check_data_source(cfg)
     if cfg.labels not in ("ltr", "wrd"):
         raise ValueError(f"data: labels must be 'ltr' or 'wrd', got {cfg.labels!r}")
     if cfg.max_tokens <= 0:
@@ -141,7 +156,10 @@ class LabelledAudioDataset(Dataset):
 
     Wraps an :class:`AudioDataset` (``audio``) built with the same options, without cropping; the transcript of
     each item is found by its manifest row (``AudioDataset.manifest_row_of``) in the label file beside its
-    manifest (:func:`~xlsr.finetune.labels.read_labels`). Every transcript is encoded at construction, so an
+    manifest (:func:`~xlsr.finetune.labels.read_labels`). Another source's rows (one corpus, e.g. a
+    :class:`xlsr.data.hf_dataset.HFAudioDataset` built with ``pad=True`` and no ``max_sample_size``) are given as
+    ``audio``, with ``transcripts``: ``(where, letter tokens or None)`` of each of its rows in row order (then
+    ``manifests`` and the audio options are not used). Every transcript is encoded at construction, so an
     unknown character stops here naming the label file and line (or maps to ``<unk>`` with ``unk``).
 
     Items are left out (each reason counted in one warning naming the first few files, all kept in ``dropped``)
@@ -173,21 +191,19 @@ class LabelledAudioDataset(Dataset):
         drop_infeasible: bool = False,
         seed: int = 0,
         epoch: int = 0,
+        audio: Optional[AudioDataset] = None,
+        transcripts: Optional[Sequence[tuple[str, Optional[list[str]]]]] = None,
     ):
-        self.audio = AudioDataset(
-            manifests,
-            sample_rate=sample_rate,
-            min_sample_size=min_sample_size,
-            max_sample_size=None,  # never crop: sizes stay the whole files
-            pad=True,
-            normalize=normalize,
-            sampling_alpha=sampling_alpha,
-            skip_bad=skip_bad,
-            resample=resample,
-            check_headers=check_headers,
-            seed=seed,
-            epoch=epoch,
-        )
+        if audio is not None:  # another source's rows (one corpus) and their transcripts
+            if transcripts is None:
+                raise ValueError("LabelledAudioDataset(audio=...) needs the transcripts of its rows")
+            self.audio = audio
+        else:
+            self.audio = self._manifest_audio(
+                manifests, sample_rate=sample_rate, min_sample_size=min_sample_size, normalize=normalize,
+                sampling_alpha=sampling_alpha, skip_bad=skip_bad, resample=resample, check_headers=check_headers,
+                seed=seed, epoch=epoch,
+            )
         self.dictionary = dictionary
         self.pad_index = dictionary.pad_index
         self.labels = labels
@@ -204,9 +220,9 @@ class LabelledAudioDataset(Dataset):
         self._row_offset = np.zeros(len(self.audio.manifests), dtype=np.int64)
         for corpus_id, manifest in enumerate(self.audio.manifests):
             self._row_offset[corpus_id] = len(has_label)
-            path = label_path(manifest, labels)
-            for number, tokens in enumerate(read_labels(manifest, labels, skip_empty=skip_empty), start=1):
-                ids = [] if tokens is None else dictionary.encode(tokens, where=f"{path}:{number}", unk=unk)
+            rows = transcripts if audio is not None else self._label_file(manifest, labels, skip_empty)
+            for where, tokens in rows:
+                ids = [] if tokens is None else dictionary.encode(tokens, where=where, unk=unk)
                 flat.extend(ids)
                 offsets.append(len(flat))
                 has_label.append(tokens is not None)
@@ -218,6 +234,18 @@ class LabelledAudioDataset(Dataset):
 
         self.infeasible: list[tuple[str, int, int]] = []  # (path, frames, frames needed), found at construction
         self._select(warn=True)
+
+    @staticmethod
+    def _manifest_audio(manifests, **options) -> AudioDataset:
+        """The manifests' audio, as fine-tuning reads it: never cropped, padded."""
+        return AudioDataset(manifests, max_sample_size=None, pad=True, **options)
+
+    @staticmethod
+    def _label_file(manifest: str, labels: str, skip_empty: bool) -> list[tuple[str, Optional[list[str]]]]:
+        """(file:line, letter tokens) of every row of ``manifest`` from the label file beside it."""
+        path = label_path(manifest, labels)
+        return [(f"{path}:{number}", tokens)
+                for number, tokens in enumerate(read_labels(manifest, labels, skip_empty=skip_empty), start=1)]
 
     # ----------------------------------------------------------------- selection
 
@@ -369,6 +397,23 @@ def collate_ctc(samples: list[Optional[dict]], pad_index: int) -> Optional[CTCBa
 # ---------------------------------------------------------------------- loader
 
 
+def hf_transcripts(audio: HFAudioDataset, cfg) -> list[tuple[str, Optional[list[str]]]]:
+    """``(row name, letter tokens or None)`` of every row of a Hugging Face dataset split, from its column
+    ``cfg.text_column`` (:func:`~xlsr.finetune.labels.text_transcripts`, as the manifest tool's)."""
+    texts = audio.column_strings(cfg.text_column, "data.text_column")
+    return text_transcripts(texts, audio.row_names(), keep_case=cfg.text_keep_case, skip_empty=cfg.skip_empty)
+
+
+def hf_split_transcripts(cfg, split: Optional[str]) -> list[tuple[str, Optional[list[str]]]]:
+    """:func:`hf_transcripts` of ``split`` of ``cfg.hf_dataset`` without reading its audio (e.g. to build the
+    dictionary)."""
+    dataset = open_hf_split(cfg.hf_dataset, split)
+    name = f"{cfg.hf_dataset}:{split_name(dataset, split)}"
+    texts = column_strings(dataset, name, cfg.text_column, "data.text_column")
+    return text_transcripts(texts, row_names(name, len(texts)), keep_case=cfg.text_keep_case,
+                            skip_empty=cfg.skip_empty)
+
+
 def build_finetune_dataloader(
     cfg: FinetuneDataConfig,
     manifest: str,
@@ -388,23 +433,25 @@ def build_finetune_dataloader(
     As :func:`xlsr.data.audio_dataset.build_dataloader`: length-bucketed batches of at most ``cfg.max_tokens`` padded
     samples, all ranks building the same list and rank r taking batches r, r + K, ..., a rank left without one in
     the last round getting an empty batch (collated to None: a zero-weight pass); ``start_batch`` resumes an epoch;
-    :func:`set_loader_epoch` moves to later epochs. ``dictionary``: a :class:`Dictionary`, a path, or None for
-    ``dict.ltr.txt`` beside the (first) manifest. ``normalize`` is the model's choice, overridden by
+    :func:`set_loader_epoch` moves to later epochs. With ``cfg.hf_dataset``, ``manifest`` is the name of its split
+    and the transcripts are its ``cfg.text_column`` (:func:`hf_transcripts`). ``dictionary``: a
+    :class:`Dictionary`, a path, or None for ``dict.ltr.txt`` beside the (first) manifest. ``normalize`` is the model's choice, overridden by
     ``cfg.normalize`` when set. ``num_frames`` (samples -> encoder frames, :class:`FrameCounter`) enables the CTC
     feasibility check (``cfg.drop_infeasible``). Items longer than ``cfg.max_tokens`` are dropped with a warning.
     """
     check_finetune_data_config(cfg)
     if dictionary is None:
+        if cfg.hf_dataset:
+            raise ValueError("build_finetune_dataloader: give the dictionary with data.hf_dataset")
         dictionary = dictionary_path(manifest.split(",")[0].strip(), cfg.labels)
     if not isinstance(dictionary, Dictionary):
         dictionary = Dictionary.load(dictionary)
-    if cfg.normalize is not None and cfg.normalize != normalize:
-        logger.warning(
-            "data.normalize=%s overrides the model's normalize=%s; the model was built for the latter",
-            cfg.normalize,
-            normalize,
-        )
     max_size = cfg.max_tokens if cfg.max_sample_size is None else min(cfg.max_sample_size, cfg.max_tokens)
+    audio = transcripts = None
+    if cfg.hf_dataset:  # ``manifest`` names the split
+        audio = build_hf_audio_dataset(cfg, manifest, pad=True, max_sample_size=None,
+                                       normalize=data_normalize(cfg, normalize), seed=seed, epoch=epoch)
+        transcripts = hf_transcripts(audio, cfg)
     dataset = LabelledAudioDataset(
         manifest,
         dictionary,
@@ -412,7 +459,7 @@ def build_finetune_dataloader(
         sample_rate=cfg.sample_rate,
         min_sample_size=cfg.min_sample_size,
         max_sample_size=max_size,
-        normalize=normalize if cfg.normalize is None else cfg.normalize,
+        normalize=data_normalize(cfg, normalize),
         sampling_alpha=cfg.sampling_alpha if shuffle else 1.0,
         skip_bad=cfg.skip_bad,
         resample=cfg.resample,
@@ -423,6 +470,8 @@ def build_finetune_dataloader(
         drop_infeasible=cfg.drop_infeasible,
         seed=seed,
         epoch=epoch,
+        audio=audio,
+        transcripts=transcripts,
     )
     return batched_loader(dataset, cfg, seed=seed, epoch=epoch, rank=rank, world_size=world_size,
                           start_batch=start_batch, shuffle=shuffle)

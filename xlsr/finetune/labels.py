@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Optional
+from typing import Optional, Sequence
 
 from xlsr.manifest import read_manifest
 from xlsr.text import read_text_lines
@@ -30,7 +30,7 @@ from xlsr.vocabulary import (  # re-exported: the vocabulary's public names, whe
     words_to_letters,
 )
 
-__all__ = ["label_path", "dictionary_path", "read_labels",  # and, re-exported, the vocabulary's names:
+__all__ = ["label_path", "dictionary_path", "read_labels", "text_transcripts",  # and, re-exported, the vocabulary's names:
            "LabelError", "Dictionary", "SPECIAL_SYMBOLS", "UNK_SYMBOLS", "PAD_SYMBOLS", "WORD_BOUNDARY",
            "words_to_letters", "letters_to_words", "normalize_transcript", "letter_tokens"]
 
@@ -109,4 +109,41 @@ def read_labels(
     if empty:
         shown = ", ".join(str(n) for n in empty[:10]) + (" ..." if len(empty) > 10 else "")
         warnings.warn(f"{path}: {len(empty)} empty transcript(s) skipped (lines {shown})", stacklevel=2)
+    return out
+
+
+def text_transcripts(texts: Sequence[str], names: Sequence[str], *, keep_case: bool = False,
+                     skip_empty: bool = False) -> list[tuple[str, Optional[list[str]]]]:
+    """Letter tokens of transcripts given as text (a dataset's column), each exactly as
+    ``python -m xlsr.manifest --transcripts`` and :func:`read_labels` make them from a transcript table:
+    :func:`normalize_transcript` (NFC, whitespace, upper-case unless ``keep_case``), :func:`words_to_letters`,
+    :func:`letter_tokens`.
+
+    Args:
+        texts: one transcript per row.
+        names: each row's name (in errors, and returned as where each transcript came from).
+        skip_empty: an empty transcript gives None (one warning counting them) instead of a :class:`LabelError`.
+
+    Returns:
+        ``(name, tokens or None)`` per row.
+
+    Raises:
+        LabelError: an empty transcript, or one holding ``|`` (the row named).
+    """
+    out: list[tuple[str, Optional[list[str]]]] = []
+    empty: list[str] = []
+    for name, text in zip(names, texts):
+        try:
+            tokens = letter_tokens(words_to_letters(normalize_transcript(text, keep_case=keep_case)))
+        except ValueError as err:
+            raise LabelError(f"{name}: {err}") from None
+        if not tokens:
+            if not skip_empty:
+                raise LabelError(f"{name}: empty transcript (remove the row, or skip_empty)")
+            empty.append(name)
+            tokens = None
+        out.append((name, tokens))
+    if empty:
+        shown = ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else "")
+        warnings.warn(f"{len(empty)} empty transcript(s) skipped ({shown})", stacklevel=2)
     return out

@@ -111,7 +111,8 @@ class PretrainConfig(RunConfig):
     """Model group (``model=xlsr-300m`` etc.): preset, init checkpoint, architecture overrides, loss weights."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    """Data group: manifests, crops, batch size (``xlsr.data.audio_dataset.DataConfig``)."""
+    """Data group: manifests or a Hugging Face dataset (``data.hf_dataset``), crops, batch size
+    (``xlsr.data.audio_dataset.DataConfig``)."""
 
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optim group: optimizer and LR schedule."""

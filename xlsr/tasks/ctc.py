@@ -20,7 +20,8 @@ from xlsr.checkpoints.ctc import is_ctc_checkpoint
 from xlsr.ctc import CTCOutput, Wav2Vec2ForCTC
 from xlsr.data.batch import AudioBatch, CTCBatch
 from xlsr.finetune.config import FineTuneConfig
-from xlsr.finetune.data import FrameCounter, build_finetune_dataloader
+from xlsr.data.audio_dataset import check_data_source
+from xlsr.finetune.data import FrameCounter, build_finetune_dataloader, hf_split_transcripts
 from xlsr.finetune.labels import dictionary_path, read_labels
 from xlsr.vocabulary import Dictionary, letters_to_words
 from xlsr.finetune.wer import error_counts
@@ -125,11 +126,17 @@ class CTCTask(Task):
         """The targets' dictionary (the same on every rank), the first of: ``cfg.dictionary``; the vocabulary of
         ``model.init_from`` when it is fine-tuned (its output indices and blank: a ``dict.ltr.txt`` beside the
         manifest that differs is not used, with a warning); ``dict.ltr.txt`` beside the (first) training manifest;
-        one built from its transcripts. Records in ``self._continue`` whether ``init_from`` is fine-tuned."""
-        first_manifest = cfg.data.manifest.split(",")[0].strip()
-        beside = dictionary_path(first_manifest)
-        if not Path(first_manifest).is_file():  # named before the checkpoint is looked at
-            raise FileNotFoundError(f"data.manifest={first_manifest}: no such file")
+        one built from its transcripts (with ``data.hf_dataset``: from the training split's ``data.text_column``,
+        as ``python -m xlsr.manifest --transcripts`` builds ``dict.ltr.txt``). Records in ``self._continue`` whether ``init_from`` is fine-tuned."""
+        hf = bool(cfg.data.hf_dataset)
+        if hf:
+            first_manifest, beside = None, None
+            check_data_source(cfg.data)
+        else:
+            first_manifest = cfg.data.manifest.split(",")[0].strip()
+            beside = dictionary_path(first_manifest)
+            if not Path(first_manifest).is_file():  # named before the checkpoint is looked at
+                raise FileNotFoundError(f"data.manifest={first_manifest}: no such file")
         self._continue = is_ctc_checkpoint(cfg.model.init_from)
         if cfg.dictionary:
             if not Path(cfg.dictionary).is_file():
@@ -139,11 +146,16 @@ class CTCTask(Task):
             model = Wav2Vec2ForCTC.from_pretrained(cfg.model.init_from)
             dictionary = Dictionary.from_vocab(model.vocab, model.blank_index, model.unk_symbol)
             del model
-            if Path(beside).is_file() and Dictionary.load(beside) != dictionary:
+            if beside and Path(beside).is_file() and Dictionary.load(beside) != dictionary:
                 logger.warning("%s differs from the vocabulary of the fine-tuned model %s (%d symbols, blank %d): "
                                "training on the model's vocabulary", beside, cfg.model.init_from, len(dictionary),
                                dictionary.blank_index)
             return dictionary
+        if hf:
+            rows = [r for _, r in hf_split_transcripts(cfg.data, cfg.data.hf_split) if r is not None]
+            logger.info("building the dictionary from the %d transcripts of %s:%s (data.text_column=%s)", len(rows),
+                        cfg.data.hf_dataset, cfg.data.hf_split, cfg.data.text_column)
+            return Dictionary.from_transcripts(rows)
         if Path(beside).is_file():
             return Dictionary.load(beside)
         rows = [r for r in read_labels(first_manifest, cfg.data.labels, skip_empty=True) if r is not None]

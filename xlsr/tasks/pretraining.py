@@ -14,6 +14,7 @@ import torch
 from xlsr.config import Wav2Vec2Config
 from xlsr.data.audio_dataset import build_dataloader
 from xlsr.data.batch import AudioBatch
+from xlsr.data.hf_dataset import build_hf_dataloader
 from xlsr.model import Wav2Vec2Model
 from xlsr.pretrain.config import PretrainConfig
 from xlsr.pretrain.loss import LossOutput, compute_loss
@@ -152,7 +153,8 @@ class PretrainingTask(Task):
 
     def build_loader(self, manifest: str, epoch: int, shuffle: bool = True):
         t = self.trainer
-        return build_dataloader(
+        build = build_hf_dataloader if self.cfg.data.hf_dataset else build_dataloader  # manifest: a split name
+        return build(
             self.cfg.data, manifest, normalize=t.model_cfg.normalize, seed=self.cfg.seed, epoch=epoch,
             rank=t.rank, world_size=t.world_size, shuffle=shuffle,
         )
