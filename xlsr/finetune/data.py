@@ -90,11 +90,11 @@ class FinetuneDataConfig(AudioDataConfig):
 
     text_column: str = "sentence"
     """With ``hf_dataset``: the column of transcripts (words, as a ``.wrd`` line or a transcript table's text:
-    Common Voice's ``sentence``), turned into letters exactly as ``python -m xlsr.manifest --transcripts`` does
+    Common Voice's ``sentence``), turned into letters exactly as the manifest tool's ``--transcripts`` option does
     (Unicode NFC, whitespace collapsed, upper-cased unless ``text_keep_case``; then ``words_to_letters``)."""
 
     text_keep_case: bool = False
-    """With ``text_column``: keep the transcripts' case (``python -m xlsr.manifest --keep-case``)."""
+    """With ``text_column``: keep the transcripts' case (the manifest tool's ``--keep-case``)."""
 
 
 def check_finetune_data_config(cfg) -> None:
