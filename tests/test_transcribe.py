@@ -17,6 +17,7 @@ import soundfile as sf
 import torch
 
 import xlsr
+import xlsr.inference as inference_module
 import xlsr.transcribe as transcribe_module
 from xlsr.audio import audio_info, load_audio, normalize_waveform
 from xlsr.manifest import read_transcript_table, write_manifest
@@ -180,8 +181,8 @@ def test_resume_keeps_what_was_done_and_transcribes_the_rest(letter_model, tmp_p
                        + json.dumps({"index": failed["index"], "path": failed["path"], "error": "x: was missing"})
                        + "\n" + torn[: len(torn) // 2])
     read = []
-    real_load = transcribe_module.load_audio
-    monkeypatch.setattr(transcribe_module, "load_audio", lambda path, *a, **k: read.append(path) or real_load(
+    real_load = inference_module.load_audio
+    monkeypatch.setattr(inference_module, "load_audio", lambda path, *a, **k: read.append(path) or real_load(
         path, *a, **k))
     assert main([*args, "--output", str(partial), "--resume"]) == 0
     assert sorted(read) == sorted(set(FILES) - {r["path"] for r in kept})  # the failed and torn ones again
