@@ -21,7 +21,8 @@ import xlsr.inference as inference_module
 import xlsr.transcribe as transcribe_module
 from xlsr.audio import audio_info, load_audio, normalize_waveform
 from xlsr.manifest import read_transcript_table, write_manifest
-from xlsr.transcribe import length_sorted_batches, main
+from xlsr.inference import length_sorted_batches
+from xlsr.transcribe import main
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = Path(__file__).parent / "fixtures" / "digits"

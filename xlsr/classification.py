@@ -18,7 +18,6 @@ The valid frames of each utterance are the first ``output_lengths(valid samples)
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path

@@ -46,10 +46,9 @@ import torch
 from xlsr.ctc import Wav2Vec2ForCTC
 from xlsr.finetune.labels import label_path, read_labels
 from xlsr.finetune.wer import error_counts
-from xlsr.inference import (  # noqa: F401  (length_sorted_batches: part of this module's interface)
+from xlsr.inference import (
     InputError,
     iter_audio_batches,
-    length_sorted_batches,
     manifest_paths,
     open_results,
     pad_batch,
