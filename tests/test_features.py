@@ -80,6 +80,11 @@ def test_npy_layout_of_one_layer_from_a_padded_batch(hf_model, tmp_path):
     for row, path in enumerate(FILES):
         expected = hf_hidden_states(hf, path)[1].numpy()
         assert np.abs(features[offsets[row]: offsets[row + 1]] - expected).max() < TOL, (layout, path)
+    # runs of at most 4 x 1.2 s of audio (several runs, written in input order as they finish): the same file
+    assert main([str(folder), "--manifest", str(data / "valid.tsv"), "--layer", "1", "--out", str(tmp_path / "runs"),
+                 "--batch-seconds", "1.2", "--no-progress"]) == 1
+    assert (tmp_path / "runs" / "valid.lengths").read_text() == (out / "valid.lengths").read_text()
+    assert np.abs(np.load(tmp_path / "runs" / "valid.npy") - features).max() < TOL
 
 
 def test_padding_changes_nothing_in_layer_norm_models_only(hf_model):
