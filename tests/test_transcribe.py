@@ -17,10 +17,12 @@ import soundfile as sf
 import torch
 
 import xlsr
+import xlsr.inference as inference_module
 import xlsr.transcribe as transcribe_module
 from xlsr.audio import audio_info, load_audio, normalize_waveform
 from xlsr.manifest import read_transcript_table, write_manifest
-from xlsr.transcribe import length_sorted_batches, main
+from xlsr.inference import length_sorted_batches
+from xlsr.transcribe import main
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = Path(__file__).parent / "fixtures" / "digits"
@@ -180,8 +182,8 @@ def test_resume_keeps_what_was_done_and_transcribes_the_rest(letter_model, tmp_p
                        + json.dumps({"index": failed["index"], "path": failed["path"], "error": "x: was missing"})
                        + "\n" + torn[: len(torn) // 2])
     read = []
-    real_load = transcribe_module.load_audio
-    monkeypatch.setattr(transcribe_module, "load_audio", lambda path, *a, **k: read.append(path) or real_load(
+    real_load = inference_module.load_audio
+    monkeypatch.setattr(inference_module, "load_audio", lambda path, *a, **k: read.append(path) or real_load(
         path, *a, **k))
     assert main([*args, "--output", str(partial), "--resume"]) == 0
     assert sorted(read) == sorted(set(FILES) - {r["path"] for r in kept})  # the failed and torn ones again

@@ -18,7 +18,6 @@ The valid frames of each utterance are the first ``output_lengths(valid samples)
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,17 +89,7 @@ class Wav2Vec2ForSequenceClassification(nn.Module):
                       ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """transformers 5's ``hidden_states``: [the first layer's input, each layer's output], none of them after
         the final LayerNorm of pre-LN models. Returns (L + 1) x (B, T, D) and the frame padding mask (B, T) or None."""
-        encoder = self.wav2vec2
-        captured: list[torch.Tensor] = []
-        # the transformer's input dropout is the last step before its first layer: its output is hidden state 0
-        hook = encoder.encoder.dropout.register_forward_hook(lambda _m, _i, out: captured.append(out))
-        try:
-            feats = self._features(source, padding_mask)
-        finally:
-            hook.remove()
-        if len(feats.layer_results) != self.cfg.encoder.encoder_layers:
-            raise RuntimeError("use_weighted_layer_sum needs every layer's output: LayerDrop skipped a layer")
-        return [captured[0], *feats.layer_results], feats.padding_mask
+        return self.wav2vec2.hidden_states(source, padding_mask, masked=self.training and self.cfg.apply_mask)
 
     def _features(self, source: torch.Tensor, padding_mask: torch.Tensor | None):
         encoder = self.wav2vec2

@@ -192,6 +192,44 @@ class Wav2Vec2Model(nn.Module):
         x, layer_results = self.encoder(x, frame_padding, layer_keep=layer_keep)
         return FeatureOutput(x=x, layer_results=layer_results, padding_mask=frame_padding, features=features)
 
+    def hidden_states(
+        self,
+        source: torch.Tensor,
+        padding_mask: torch.Tensor | None = None,
+        *,
+        last: int | None = None,
+        masked: bool = False,
+    ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """transformers 5's ``output_hidden_states``: [the first layer's input, each layer's output], so that
+        ``states[L]`` is the output of transformer layer L (1-based) and ``states[0]`` the input of the first (after
+        the positional conv, and the LayerNorm of post-LN models); none after the final LayerNorm of pre-LN models.
+
+        Args:
+            last: compute only ``states[0..last]`` (the layers after it are not run); None: all.
+            masked: through ``extract_features_masked`` (fine-tuning's masks), not ``extract_features``.
+
+        Returns:
+            (last + 1) x (B, T, D) (L + 1 without ``last``) and the frame padding mask (B, T) or None.
+        """
+        num_layers = self.cfg.encoder_layers
+        if last is not None and not 0 <= last <= num_layers:
+            raise ValueError(f"hidden state {last} of a {num_layers}-layer model: choose 0..{num_layers}")
+        captured: list[torch.Tensor] = []
+        # the transformer's input dropout is the last step before its first layer: its output is hidden state 0
+        hook = self.encoder.dropout.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        try:
+            if masked:
+                feats = self.extract_features_masked(source, padding_mask)
+            else:  # stop after layer ``last`` (0-based index last - 1; state 0 runs the first layer, no earlier stop)
+                stop = None if last is None or last == num_layers else max(last - 1, 0)
+                feats = self.extract_features(source, padding_mask, layer=stop)
+        finally:
+            hook.remove()
+        wanted = num_layers if last is None else last
+        if len(feats.layer_results) < wanted or (masked and len(feats.layer_results) != num_layers):
+            raise RuntimeError("hidden states need every layer's output: LayerDrop skipped a layer")
+        return [captured[0], *feats.layer_results][: wanted + 1], feats.padding_mask
+
     # ------------------------------------------------------------------ pretraining forward
     def forward(
         self,

@@ -39,20 +39,22 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence, TextIO
+from typing import Iterable, Iterator, Sequence
 
 import torch
-from tqdm import tqdm
 
-from xlsr.audio import AudioError, audio_info, load_audio, normalize_waveform
 from xlsr.ctc import Wav2Vec2ForCTC
-from xlsr.files import write_text_atomic
 from xlsr.finetune.labels import label_path, read_labels
 from xlsr.finetune.wer import error_counts
+from xlsr.inference import (
+    InputError,
+    iter_audio_batches,
+    manifest_paths,
+    open_results,
+    pad_batch,
+    read_finished_lines,
+)
 from xlsr.lm_decode import LMDecoder
-from xlsr.manifest import read_manifest
-from xlsr.modules.feature_encoder import receptive_field
-from xlsr.text import read_text_file
 from xlsr.vocabulary import letters_to_words
 
 logger = logging.getLogger("xlsr.transcribe")
@@ -72,30 +74,6 @@ class Transcript:
     exception: BaseException | None = field(default=None, repr=False, compare=False)
 
 
-def length_sorted_batches(lengths: Sequence[int], max_samples: int) -> list[list[int]]:
-    """Indices of ``lengths`` in batches of similar length, each with (items x longest) <= max_samples (at least
-    one item per batch), longest first."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    for index in order:
-        if batches and (len(batches[-1]) + 1) * lengths[batches[-1][0]] <= max_samples:
-            batches[-1].append(index)
-        else:
-            batches.append([index])
-    return batches
-
-
-def pad_batch(waveforms: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Right-pad (S_i,) waveforms with zeros: (B, S) and the (B, S) padding mask (True = pad; None if none)."""
-    longest = max(w.shape[0] for w in waveforms)
-    source = torch.zeros(len(waveforms), longest)
-    padding_mask = torch.zeros(len(waveforms), longest, dtype=torch.bool)
-    for row, wav in enumerate(waveforms):
-        source[row, : wav.shape[0]] = wav
-        padding_mask[row, wav.shape[0] :] = True
-    return source, (padding_mask if padding_mask.any() else None)
-
-
 def _failed(index: int, path: str, err: BaseException) -> Transcript:
     return Transcript(index, path, error=str(err), exception=err)
 
@@ -112,53 +90,18 @@ def iter_transcripts(model, paths: Sequence[str], *, batch_seconds: float = 60.0
         ``soxr`` missing for another sample rate, fewer samples than one frame needs) has ``error`` set; every
         path appears exactly once.
     """
-    encoder_cfg = model.cfg.encoder
-    rate = encoder_cfg.sample_rate
-    min_samples = receptive_field(encoder_cfg.conv_layers)
-    lengths: dict[int, int] = {}
-    unreadable: list[Transcript] = []
-    for index, path in enumerate(paths):
-        try:
-            frames, file_rate, _ = audio_info(path)
-        except AudioError as err:
-            unreadable.append(_failed(index, path, err))
-            continue
-        lengths[index] = int(round(frames * rate / file_rate))
-    bar = None
-    if progress:
-        bar = tqdm(total=len(paths), unit="file", desc="transcribe")
-    if unreadable:
-        if bar is not None:
-            bar.update(len(unreadable))
-        yield unreadable
-    readable = list(lengths)
-    batches = length_sorted_batches([lengths[i] for i in readable], int(batch_seconds * rate))
     model = model.to(device).eval()
-    for batch in batches:
-        results: list[Transcript] = []
-        waveforms, decoded = [], []
-        for index in sorted(readable[b] for b in batch):
-            try:
-                wav = torch.from_numpy(load_audio(paths[index], rate, resample=True))
-                if wav.shape[0] < min_samples:
-                    raise AudioError(paths[index], f"too short: {wav.shape[0]} samples at {rate} Hz, the model "
-                                                   f"needs at least {min_samples} for one frame")
-            except (AudioError, ImportError) as err:  # ImportError: soxr, named with the file and the fix
-                results.append(_failed(index, paths[index], err))
-                continue
-            waveforms.append(normalize_waveform(wav) if encoder_cfg.normalize else wav)
-            decoded.append(index)
-        if waveforms:
-            source, padding_mask = pad_batch(waveforms)
+    batch_samples = int(batch_seconds * model.cfg.encoder.sample_rate)
+    for batch in iter_audio_batches(paths, model.cfg.encoder, batch_samples=batch_samples, progress=progress,
+                                    desc="transcribe"):
+        results = [_failed(index, paths[index], err) for index, err in batch.failed]
+        if batch.waveforms:
+            source, padding_mask = pad_batch(batch.waveforms)
             out = model(source.to(device), None if padding_mask is None else padding_mask.to(device))
             texts = model.decode(out) if decoder is None else decoder.decode(out.log_probs, out.lengths)
-            results += [Transcript(index, paths[index], text=text) for index, text in zip(decoded, texts)]
+            results += [Transcript(index, paths[index], text=text) for index, text in zip(batch.indices, texts)]
         results.sort(key=lambda item: item.index)
-        if bar is not None:
-            bar.update(len(results))
         yield results
-    if bar is not None:
-        bar.close()
 
 
 def transcribe(model, paths: Sequence[str], *, batch_seconds: float = 60.0, device: str = "cpu",
@@ -179,15 +122,6 @@ def transcribe(model, paths: Sequence[str], *, batch_seconds: float = 60.0, devi
 
 
 # ---------------------------------------------------------------------------------------------- command line
-class _InputError(Exception):
-    """A bad manifest, label or output file: one line on standard error, exit status 2."""
-
-
-def _manifest_paths(manifest: str) -> list[str]:
-    root, entries = read_manifest(manifest)
-    return [os.path.join(root, rel) for rel, _ in entries]
-
-
 def _references(manifest: str, labels: str, num_rows: int) -> list[str | None]:
     """The reference words of each manifest row (None for an empty transcript), as fine-tuning's validation
     makes them: the label file's letters -> words."""
@@ -197,34 +131,6 @@ def _references(manifest: str, labels: str, num_rows: int) -> list[str | None]:
     for warning in caught:
         logger.warning("%s", warning.message)
     return [None if tokens is None else letters_to_words(" ".join(tokens)) for tokens in rows]
-
-
-def _previous_transcripts(path: str) -> dict[str, dict]:
-    """The transcribed lines of an earlier run's output ``path``, by audio path (error lines left out, to be
-    tried again). A last line torn by a kill is dropped with a warning; any other bad line is an _InputError."""
-    try:
-        text = read_text_file(path)
-    except UnicodeDecodeError as err:
-        raise _InputError(f"{path}: not UTF-8 text ({err}); not a transcribe output to resume") from None
-    lines = text.split("\n")
-    done: dict[str, dict] = {}
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            valid = isinstance(record, dict) and isinstance(record.get("path"), str) and (
-                isinstance(record.get("text"), str) or "error" in record)
-        except json.JSONDecodeError:
-            valid = False
-        if not valid:
-            if number == len(lines):  # no newline after it: cut short by a kill
-                logger.warning("%s:%d: dropped a torn last line (%d characters)", path, number, len(line))
-                continue
-            raise _InputError(f"{path}:{number}: not a transcribe output line: {line[:80]!r}")
-        if "text" in record:
-            done[record["path"]] = record
-    return done
 
 
 def _score_line(pairs: list[tuple[str, str]], failed: int, unreferenced: int, labels_path: str) -> str:
@@ -271,10 +177,11 @@ def main(argv: Iterable[str] | None = None) -> int:
     if not args.audio and not args.manifest:
         parser.error("no audio: give files and/or --manifest")
     try:
-        paths = list(args.audio) + (_manifest_paths(args.manifest) if args.manifest else [])
+        paths = list(args.audio) + (manifest_paths(args.manifest) if args.manifest else [])
         references = _references(args.manifest, args.labels, len(paths)) if args.score else None
-        done = _previous_transcripts(args.output) if args.resume and os.path.isfile(args.output) else {}
-    except (_InputError, OSError, ValueError) as err:  # ManifestError, LabelError: ValueErrors naming file and line
+        resuming = args.resume and os.path.isfile(args.output)
+        done = read_finished_lines(args.output, "text", "transcribe") if resuming else {}
+    except (InputError, OSError, ValueError) as err:  # ManifestError, LabelError: ValueErrors naming file and line
         print(f"error: {err}", file=sys.stderr)
         return 2
     if not paths:
@@ -309,20 +216,10 @@ def main(argv: Iterable[str] | None = None) -> int:
             texts[index] = done[path]["text"]
         else:
             todo.append(index)
-    stream: TextIO
-    if args.output:
-        if args.resume:  # the kept lines only (no error lines, no torn line), then this run's appended
-            kept = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in done.values())
-            write_text_atomic(args.output, kept)
-            logger.info("%s: %d of %d files already transcribed, %d to go", args.output, len(texts), len(paths),
-                        len(todo))
-        else:
-            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        stream = open(args.output, "a" if args.resume else "w", encoding="utf-8")
-    else:
-        stream = sys.stdout
+    if args.resume:
+        logger.info("%s: %d of %d files already transcribed, %d to go", args.output, len(texts), len(paths), len(todo))
     failed = 0
-    try:
+    with open_results(args.output, args.resume, done) as stream:
         for results in iter_transcripts(model, [paths[i] for i in todo], batch_seconds=args.batch_seconds,
                                         device=args.device, progress=not args.no_progress, decoder=decoder):
             lines = []
@@ -340,9 +237,6 @@ def main(argv: Iterable[str] | None = None) -> int:
                 lines.append(json.dumps(record, ensure_ascii=False) + "\n")
             stream.write("".join(lines))
             stream.flush()
-    finally:
-        if stream is not sys.stdout:
-            stream.close()
     if args.output:
         logger.info("wrote %d transcripts to %s", len(todo) - failed, args.output)
     if failed:
