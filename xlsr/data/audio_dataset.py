@@ -65,12 +65,36 @@ class AudioDataConfig:
     fairseq keeps most of these in ``task`` or ``dataset``; its name is given per field.
     """
 
-    manifest: str = "???"
+    manifest: str = ""
     """train.tsv path (from ``python -m xlsr.manifest``); several comma-separated paths = several corpora.
+    Empty when the training data is given otherwise (``lhotse_cuts``, ``lhotse_shar``): exactly one must be set.
     fairseq: ``task.data`` (a folder holding train.tsv)."""
 
     valid_manifest: Optional[str] = None
     """valid.tsv path for validation; None = no validation. (fairseq: ``dataset.valid_subset`` in ``task.data``.)"""
+
+    lhotse_cuts: Optional[str] = None
+    """Train on a Lhotse CutSet manifest (``cuts.jsonl.gz``, e.g. from ``lhotse prepare ...``) instead of
+    ``manifest``: each cut an utterance (its start / duration honoured), batched as a manifest. Needs
+    ``pip install 'xlsr[lhotse]'``. See docs/data-lhotse.md."""
+
+    valid_lhotse_cuts: Optional[str] = None
+    """A CutSet manifest for validation (instead of ``valid_manifest``)."""
+
+    lhotse_shar: Optional[str] = None
+    """Train on Lhotse Shar shards streamed from this folder (``cuts.NNNNNN.jsonl.gz`` + ``recording.NNNNNN.tar``,
+    e.g. from ``python -m xlsr.manifest ... --to-shar``) instead of ``manifest``: shards dealt to ranks, read
+    sequentially, position in the checkpoint (:class:`xlsr.data.lhotse_source.SharBatchLoader`)."""
+
+    valid_lhotse_shar: Optional[str] = None
+    """A Shar folder for validation (instead of ``valid_manifest``)."""
+
+    lhotse_shuffle_buffer: int = 1000
+    """Shar streaming: cuts of a shard bucketed and shuffled together (a window; held in memory compressed)."""
+
+    lhotse_text_field: Optional[str] = None
+    """Fine-tuning on Lhotse data: None = the transcript is the supervisions' text joined (words); else the cut's
+    (or its first supervision's) custom field of this name, in ``labels`` form (``ltr`` or ``wrd``)."""
 
     sampling_alpha: float = 1.0
     """With several corpora, each epoch resamples corpus i to probability ∝ (hours_i / hours)^alpha; 1.0 = natural

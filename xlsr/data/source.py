@@ -14,14 +14,19 @@ Its ``collater`` turns loaded items into a typed batch (:mod:`xlsr.data.batch`).
 * a Hugging Face ``datasets`` split: a class with these members over the ``Dataset`` (``sizes`` from the audio
   column's lengths, ``__getitem__`` decoding row ``i``, ``key`` its id or path), returned by the task's
   ``build_loader`` through ``batched_loader``;
-* a Lhotse stream (a lazy ``CutSet``) is not map-style: it brings its own bucketing sampler; wrap it in a loader
-  with the :class:`~xlsr.data.audio_dataset.BatchLoader` members (``total_batches``, ``num_skipped``,
-  ``set_epoch``, ``position``, ``global_index``, ``state_dict`` / ``load_state_dict``) and return that instead.
+* a Lhotse CutSet manifest: :class:`xlsr.data.lhotse_source.LhotseCutSource` (map-style, through
+  ``batched_loader``);
+* Lhotse Shar shards are a stream, not map-style: :class:`xlsr.data.lhotse_source.SharBatchLoader` has the
+  :class:`~xlsr.data.audio_dataset.BatchLoader` members (``total_batches``, ``num_skipped``, ``set_epoch``,
+  ``position``, ``global_index``, ``state_dict`` / ``load_state_dict``) and is returned instead.
+
+Which data a run trains on is named by one string (:func:`training_data`, :func:`validation_data`): a manifest
+path, or ``lhotse-cuts:PATH`` / ``lhotse-shar:DIR``; the engine hands it to ``Task.build_loader``.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, runtime_checkable
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -56,3 +61,36 @@ class UtteranceSource(Protocol):
 
     def collater(self, samples: list[Optional[dict]]) -> Optional[AudioBatch]:
         """Loaded items -> one batch (None when none is left)."""
+
+
+def _named(cfg: Any, keys: tuple[tuple[str, str], ...]) -> list[str]:
+    return [f"{prefix}{value}" for key, prefix in keys if (value := getattr(cfg, key, None))]
+
+
+_TRAIN_KEYS = (("manifest", ""), ("lhotse_cuts", "lhotse-cuts:"), ("lhotse_shar", "lhotse-shar:"))
+_VALID_KEYS = (("valid_manifest", ""), ("valid_lhotse_cuts", "lhotse-cuts:"), ("valid_lhotse_shar", "lhotse-shar:"))
+
+
+def training_data(cfg: Any) -> str:
+    """The name of the training data that the engine hands to ``Task.build_loader``: ``data.manifest``, or
+    ``lhotse-cuts:PATH`` (``data.lhotse_cuts``) / ``lhotse-shar:DIR`` (``data.lhotse_shar``).
+
+    Args:
+        cfg: the run's data config (:class:`~xlsr.data.audio_dataset.AudioDataConfig`).
+
+    Raises:
+        ValueError: none or several of them set.
+    """
+    named = _named(cfg, _TRAIN_KEYS)
+    if len(named) != 1:
+        keys = ", ".join(f"data.{key}" for key, _ in _TRAIN_KEYS)
+        raise ValueError(f"data: set exactly one of {keys} (got {named or 'none'})")
+    return named[0]
+
+
+def validation_data(cfg: Any) -> Optional[str]:
+    """The name of the validation data (as :func:`training_data`), or None for no validation."""
+    named = _named(cfg, _VALID_KEYS)
+    if len(named) > 1:
+        raise ValueError(f"data: set at most one of {', '.join(f'data.{k}' for k, _ in _VALID_KEYS)} (got {named})")
+    return named[0] if named else None

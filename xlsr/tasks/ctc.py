@@ -8,6 +8,7 @@ fairseq's ``sentence_avg``), the tri-stage schedule, and validation (CTC loss, g
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -19,8 +20,10 @@ import torch
 from xlsr.checkpoints.ctc import is_ctc_checkpoint
 from xlsr.ctc import CTCOutput, Wav2Vec2ForCTC
 from xlsr.data.batch import AudioBatch, CTCBatch
+from xlsr.data.source import training_data
 from xlsr.finetune.config import FineTuneConfig
-from xlsr.finetune.data import FrameCounter, build_finetune_dataloader
+from xlsr.data.lhotse_source import CutItems, CutTranscripts, build_lhotse_loader, is_lhotse_source, lhotse_transcripts
+from xlsr.finetune.data import FrameCounter, build_finetune_dataloader, check_finetune_data_config, collate_ctc
 from xlsr.finetune.labels import dictionary_path, read_labels
 from xlsr.vocabulary import Dictionary, letters_to_words
 from xlsr.finetune.wer import error_counts
@@ -126,9 +129,11 @@ class CTCTask(Task):
         ``model.init_from`` when it is fine-tuned (its output indices and blank: a ``dict.ltr.txt`` beside the
         manifest that differs is not used, with a warning); ``dict.ltr.txt`` beside the (first) training manifest;
         one built from its transcripts. Records in ``self._continue`` whether ``init_from`` is fine-tuned."""
-        first_manifest = cfg.data.manifest.split(",")[0].strip()
-        beside = dictionary_path(first_manifest)
-        if not Path(first_manifest).is_file():  # named before the checkpoint is looked at
+        train_data = training_data(cfg.data)
+        lhotse = is_lhotse_source(train_data)
+        first_manifest = train_data.split(",")[0].strip()
+        beside = "" if lhotse else dictionary_path(first_manifest)  # Lhotse data has no dict.ltr.txt beside it
+        if not lhotse and not Path(first_manifest).is_file():  # named before the checkpoint is looked at
             raise FileNotFoundError(f"data.manifest={first_manifest}: no such file")
         self._continue = is_ctc_checkpoint(cfg.model.init_from)
         if cfg.dictionary:
@@ -144,6 +149,10 @@ class CTCTask(Task):
                                "training on the model's vocabulary", beside, cfg.model.init_from, len(dictionary),
                                dictionary.blank_index)
             return dictionary
+        if lhotse:
+            rows = lhotse_transcripts(train_data, self._transcripts(None))
+            logger.info("building the dictionary from the %d transcripts of %s", len(rows), train_data)
+            return Dictionary.from_transcripts(rows)
         if Path(beside).is_file():
             return Dictionary.load(beside)
         rows = [r for r in read_labels(first_manifest, cfg.data.labels, skip_empty=True) if r is not None]
@@ -184,8 +193,26 @@ class CTCTask(Task):
     def find_unused_parameters(self, model: Wav2Vec2ForCTC) -> bool:
         return True  # frozen conv stack, frozen encoder for freeze_finetune_updates, LayerDrop
 
+    def _transcripts(self, dictionary: Dictionary | None) -> CutTranscripts:
+        """How a Lhotse cut's transcript becomes targets (``data.lhotse_text_field``, ``data.labels``)."""
+        data = self.cfg.data
+        return CutTranscripts(dictionary, text_field=data.lhotse_text_field, labels=data.labels, unk=data.unk)
+
     def build_loader(self, manifest: str, epoch: int, shuffle: bool = True):
         t = self.trainer
+        if is_lhotse_source(manifest):  # whole cuts (never cropped), padded, with their transcripts
+            data = self.cfg.data
+            check_finetune_data_config(data)
+            items = CutItems(
+                sample_rate=data.sample_rate, min_sample_size=data.min_sample_size,
+                max_sample_size=data.max_tokens if data.max_sample_size is None else min(data.max_sample_size,
+                                                                                        data.max_tokens),
+                crop=False, normalize=t.model_cfg.normalize if data.normalize is None else data.normalize,
+                resample=data.resample, skip_bad=data.skip_bad, targets=self._transcripts(self.dictionary),
+                collater=functools.partial(collate_ctc, pad_index=self.dictionary.pad_index),
+            )
+            return build_lhotse_loader(manifest, data, items, seed=self.cfg.seed, epoch=epoch, rank=t.rank,
+                                       world_size=t.world_size, shuffle=shuffle, skip_empty=data.skip_empty)
         return build_finetune_dataloader(
             self.cfg.data, manifest, self.dictionary, normalize=t.model_cfg.normalize, seed=self.cfg.seed,
             epoch=epoch, rank=t.rank, world_size=t.world_size, shuffle=shuffle,

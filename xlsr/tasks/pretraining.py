@@ -12,8 +12,9 @@ from typing import Any
 import torch
 
 from xlsr.config import Wav2Vec2Config
-from xlsr.data.audio_dataset import build_dataloader
+from xlsr.data.audio_dataset import build_dataloader, check_data_config
 from xlsr.data.batch import AudioBatch
+from xlsr.data.lhotse_source import CutItems, build_lhotse_loader, is_lhotse_source
 from xlsr.model import Wav2Vec2Model
 from xlsr.pretrain.config import PretrainConfig
 from xlsr.pretrain.loss import LossOutput, compute_loss
@@ -152,6 +153,15 @@ class PretrainingTask(Task):
 
     def build_loader(self, manifest: str, epoch: int, shuffle: bool = True):
         t = self.trainer
+        if is_lhotse_source(manifest):  # a CutSet or Shar folder: cuts cropped and batched as a manifest's files
+            data = self.cfg.data
+            check_data_config(data)
+            items = CutItems(sample_rate=data.sample_rate, min_sample_size=data.min_sample_size,
+                             max_sample_size=data.max_sample_size, crop=True,
+                             normalize=t.model_cfg.normalize if data.normalize is None else data.normalize,
+                             resample=data.resample, skip_bad=data.skip_bad, pad=data.pad)
+            return build_lhotse_loader(manifest, data, items, seed=self.cfg.seed, epoch=epoch, rank=t.rank,
+                                       world_size=t.world_size, shuffle=shuffle)
         return build_dataloader(
             self.cfg.data, manifest, normalize=t.model_cfg.normalize, seed=self.cfg.seed, epoch=epoch,
             rank=t.rank, world_size=t.world_size, shuffle=shuffle,
