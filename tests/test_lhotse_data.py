@@ -168,9 +168,21 @@ def assert_same_parameters(a: Path, b: Path, update: int) -> None:
         assert torch.equal(x[key], y[key]), key
 
 
-def epochs_done(out: Path) -> list[int]:
+def first_epoch(out: Path) -> tuple[int, int]:
+    """(updates, batches with data on all ranks) of the run's first complete epoch."""
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["epoch"] for r in lines if r["split"] == "epoch" and r["complete"]]
+    return next((r["updates"], r["num_batches"]) for r in lines if r["split"] == "epoch" and r["complete"])
+
+
+def expected_first_epoch(shar: Path, world_size: int) -> tuple[int, int]:
+    """(steps, batches with data) of epoch 1 on ``world_size`` ranks, from the loaders themselves: the ranks run as
+    many steps as the one with most batches, and every batch trains once."""
+    from xlsr.pretrain.config import compose_config
+
+    seed = compose_config(pretrain_args(shar, Path("unused"))).seed
+    loaders = [stream(shar, rank=r, world_size=world_size, max_tokens=96000, buffer_size=4, seed=seed)
+               for r in range(world_size)]
+    return max(loader.total_batches for loader in loaders), sum(b is not None for loader in loaders for b in loader)
 
 
 def test_shar_pretraining_stopped_and_resumed_equals_straight_through(speech_shar, tmp_path):
@@ -183,7 +195,8 @@ def test_shar_pretraining_stopped_and_resumed_equals_straight_through(speech_sha
         return trainer
 
     straight = run(tmp_path / "straight")
-    assert straight.epoch > 1 and epochs_done(tmp_path / "straight")  # the run crossed an epoch boundary
+    assert straight.epoch > 1  # the run crossed an epoch boundary
+    assert first_epoch(tmp_path / "straight") == expected_first_epoch(speech_shar, 1)
     run(tmp_path / "stopped", "stop_at_update=3")
     resumed = run(tmp_path / "stopped")
     assert resumed.num_updates == 12
@@ -203,7 +216,9 @@ def test_shar_pretraining_on_two_ranks_stopped_and_resumed_equals_straight_throu
     run_torchrun(pretrain_args(speech_shar, tmp_path / "straight"), 29641)
     run_torchrun(pretrain_args(speech_shar, tmp_path / "stopped", "stop_at_update=3"), 29642)
     run_torchrun(pretrain_args(speech_shar, tmp_path / "stopped"), 29643)
-    assert epochs_done(tmp_path / "straight")
+    steps, batches = expected_first_epoch(speech_shar, 2)
+    assert steps < batches < 2 * steps  # one rank ran dry before the other: zero-weight passes
+    assert first_epoch(tmp_path / "straight") == (steps, batches)  # every batch of both ranks trained once
     assert_same_parameters(tmp_path / "straight", tmp_path / "stopped", 12)
 
 
@@ -238,3 +253,15 @@ def test_ctc_finetuning_on_a_cutset_with_supervisions(tmp_path):
     assert len(losses) == 30 and sum(losses[-5:]) < 0.7 * sum(losses[:5]), losses
     model = xlsr.Wav2Vec2ForCTC.from_pretrained(out / "model")
     assert model.vocab == list(trainer.task.dictionary.symbols)
+
+
+def test_exactly_one_training_source_is_named():
+    from types import SimpleNamespace
+
+    from xlsr.data.source import training_data, validation_data
+
+    assert training_data(SimpleNamespace(manifest="", lhotse_shar="s")) == "lhotse-shar:s"
+    assert validation_data(SimpleNamespace(valid_manifest=None, valid_lhotse_cuts="c.jsonl.gz")) == "lhotse-cuts:c.jsonl.gz"
+    for wrong in (SimpleNamespace(manifest=""), SimpleNamespace(manifest="t.tsv", lhotse_cuts="c.jsonl.gz")):
+        with pytest.raises(ValueError, match="set exactly one of data.manifest, data.lhotse_cuts, data.lhotse_shar"):
+            training_data(wrong)

@@ -63,6 +63,7 @@ __all__ = [
     "shar_shards",
     "build_lhotse_loader",
     "lhotse_transcripts",
+    "pretraining_shar_loader",
 ]
 
 CUTS_SCHEME = "lhotse-cuts:"
@@ -647,3 +648,15 @@ def lhotse_transcripts(name: str, transcripts: CutTranscripts) -> list[list[str]
             if tokens := transcripts.tokens(cut):
                 rows.append(tokens)
     return rows
+
+
+def pretraining_shar_loader(shar_dir: str, *, max_tokens: int = 1_200_000, max_sample_size: int = 320_000,
+                            min_sample_size: int = 32_000, sample_rate: int = 16000, resample: bool = False,
+                            normalize: bool = True, pad: bool = False, num_workers: int = 2, buffer_size: int = 1000,
+                            seed: int = 1, epoch: int = 1, rank: int = 0, world_size: int = 1) -> SharBatchLoader:
+    """A :class:`SharBatchLoader` of pretraining batches, as ``data.lhotse_shar`` builds it, without a config (for
+    benchmarks: decode + resample + crop + batch). Defaults are XLS-R's data settings."""
+    items = CutItems(sample_rate=sample_rate, min_sample_size=min_sample_size, max_sample_size=max_sample_size,
+                     crop=True, normalize=normalize, resample=resample, pad=pad)
+    return SharBatchLoader(shar_dir, items, max_tokens=max_tokens, seed=seed, epoch=epoch, rank=rank,
+                           world_size=world_size, buffer_size=buffer_size, num_workers=num_workers)

@@ -146,6 +146,8 @@ class Trainer:
 
     def __init__(self, cfg: Any, task: Task | None = None):
         self.cfg = cfg
+        self.train_data = training_data(cfg.data)  # a manifest path, or a name like lhotse-shar:DIR
+        self.valid_data = validation_data(cfg.data)
         self.task = task if task is not None else task_for(cfg)
         if cfg.distributed.strategy not in STRATEGIES:
             raise ValueError(f"distributed.strategy must be one of {STRATEGIES}, got {cfg.distributed.strategy!r}")
@@ -197,13 +199,12 @@ class Trainer:
         self.metrics.open()
         self.model.set_num_updates(self.num_updates)
 
-        self.train_data = training_data(cfg.data)  # a manifest path, or a name like lhotse-shar:DIR
         self.train_loader = self.task.build_loader(self.train_data, epoch=self.epoch)
         if self._resume_position is not None:
             self.train_loader.load_state_dict(self._resume_position)
         self.valid_loader = None
-        if (valid_data := validation_data(cfg.data)) is not None:
-            self.valid_loader = self.task.build_loader(valid_data, epoch=1, shuffle=False)
+        if self.valid_data is not None:
+            self.valid_loader = self.task.build_loader(self.valid_data, epoch=1, shuffle=False)
         self._dummy_batch: AudioBatch | None = None  # what a rank without a batch runs at zero weight (DDP, FSDP)
         self.epoch_totals = self.task.new_totals()  # this epoch's updates, for the end-of-epoch line
         self._epoch_updates = 0
