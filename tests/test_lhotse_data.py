@@ -265,3 +265,18 @@ def test_exactly_one_training_source_is_named():
     for wrong in (SimpleNamespace(manifest=""), SimpleNamespace(manifest="t.tsv", lhotse_cuts="c.jsonl.gz")):
         with pytest.raises(ValueError, match="set exactly one of data.manifest, data.lhotse_cuts, data.lhotse_shar"):
             training_data(wrong)
+
+
+def test_a_cutset_pretrains_exactly_as_the_manifest_of_the_same_files(tmp_path):
+    """The same recordings, in the same order, as a CutSet and as a manifest: the same batches, crops and updates."""
+    from xlsr.pretrain.config import compose_config
+    from xlsr.pretrain.trainer import Trainer
+
+    write_manifest(SPEECH, tmp_path / "m", valid_percent=0.0, progress=False)
+    root, entries = read_manifest(tmp_path / "m" / "train.tsv")
+    cuts = write_cuts(tmp_path / "cuts.jsonl.gz", [lhotse.Recording.from_file(Path(root) / rel, recording_id=rel).to_cut()
+                                                   for rel, _ in entries])
+    common = [*PRETRAIN, "optim.max_update=4", "checkpoint.save_interval_updates=4"]
+    for name, data in (("manifest", f"data.manifest={tmp_path / 'm' / 'train.tsv'}"), ("cuts", f"data.lhotse_cuts={cuts}")):
+        Trainer(compose_config([*common, data, f"output_dir={tmp_path / name}"])).train()
+    assert_same_parameters(tmp_path / "manifest", tmp_path / "cuts", 4)
