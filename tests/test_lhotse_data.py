@@ -16,6 +16,7 @@ import xlsr
 from xlsr.audio import AudioError
 from xlsr.data.lhotse_source import CutItems, LhotseCutSource, SharBatchLoader
 from xlsr.manifest import read_manifest, read_transcript_table, write_manifest, write_shar
+from xlsr.vocabulary import Dictionary
 
 lhotse = pytest.importorskip("lhotse")
 
@@ -280,3 +281,26 @@ def test_a_cutset_pretrains_exactly_as_the_manifest_of_the_same_files(tmp_path):
     for name, data in (("manifest", f"data.manifest={tmp_path / 'm' / 'train.tsv'}"), ("cuts", f"data.lhotse_cuts={cuts}")):
         Trainer(compose_config([*common, data, f"output_dir={tmp_path / name}"])).train()
     assert_same_parameters(tmp_path / "manifest", tmp_path / "cuts", 4)
+
+
+def test_ctc_finetuning_streams_shar_shards_with_their_labels(digits, tmp_path):
+    """The digits' Shar shards (written by --to-shar with .wrd/.ltr) fine-tune: targets from the supervisions'
+    text (default) or from the custom ``ltr`` field, the same letters either way."""
+    from xlsr.finetune.config import compose_config
+    from xlsr.finetune.trainer import FineTuner
+
+    manifest, shar, _ = digits
+    torch.manual_seed(0)
+    xlsr.Wav2Vec2Model(xlsr.Wav2Vec2Config.from_preset("tiny")).save_pretrained(tmp_path / "pretrained")
+    dictionaries = []
+    for name, field in (("words", []), ("letters", ["data.lhotse_text_field=ltr", "data.labels=ltr"])):
+        trainer = FineTuner(compose_config([
+            f"model.init_from={tmp_path / 'pretrained'}", f"data.lhotse_shar={shar}", f"output_dir={tmp_path / name}",
+            "data.num_workers=1", "data.max_tokens=200000", "progress_bar=false", "tensorboard=false",
+            "model.freeze_finetune_updates=0", "optim.max_update=3", *field,
+        ]))
+        trainer.train()
+        assert (tmp_path / name / "model").is_dir()
+        dictionaries.append(list(trainer.task.dictionary.symbols))
+    assert dictionaries[0] == dictionaries[1]
+    assert set(dictionaries[0]) == set(Dictionary.load(manifest.parent / "dict.ltr.txt").symbols)
