@@ -145,6 +145,9 @@ def test_shar_stream_deals_shards_to_ranks_and_resumes_mid_epoch(speech_shar):
     for x, y in zip(straight[3:], as_lists(resumed), strict=True):
         assert x[0] == y[0] and torch.equal(x[1], y[1])
     assert resumed.position == len(straight)
+    with pytest.raises(ValueError, match="5 shard.s. for 6 ranks"):
+        stream(speech_shar, rank=5, world_size=6)  # training: a rank without a shard would have no data
+    assert stream(speech_shar, rank=5, world_size=6, shuffle=False).total_batches == 0  # validation: empty batches
     other_epoch = [ids for ids, _ in as_lists(stream(speech_shar, epoch=2))]
     assert other_epoch != [ids for ids, _ in straight]  # shards and batches reshuffled each epoch
 

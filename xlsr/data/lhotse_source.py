@@ -386,7 +386,8 @@ class SharBatchLoader:
     :class:`~xlsr.data.audio_dataset.BatchLoader` the engine uses.
 
     An epoch is planned from the cut manifests alone (no audio): the shards are ordered by a permutation drawn
-    from ``(seed, epoch)`` (file order without ``shuffle``) and shard ``order[k]`` goes to rank ``k % world_size``;
+    from ``(seed, epoch)`` (file order without ``shuffle``) and shard ``order[k]`` goes to rank ``k % world_size``
+    (training needs a shard per rank; for validation, without ``shuffle``, a rank may have none);
     each of this rank's shards is cut, in its stored order, into windows of ``buffer_size`` usable cuts, and each
     window into length-bucketed batches of at most ``max_tokens`` samples in random order
     (:meth:`LengthBatchSampler.global_batches` seeded by ``(seed, epoch, shard, window)``). The ranks then agree
@@ -413,9 +414,9 @@ class SharBatchLoader:
             raise ValueError(f"data.lhotse_shuffle_buffer must be >= 1, got {buffer_size}")
         self.shar_dir = shar_dir
         self.shards = shar_shards(shar_dir)
-        if len(self.shards) < world_size:
+        if shuffle and len(self.shards) < world_size:  # validation: a rank without a shard runs empty batches
             raise ValueError(f"{shar_dir}: {len(self.shards)} shard(s) for {world_size} ranks; every rank needs one "
-                             "(write smaller shards: --shard-size)")
+                             "to train (write smaller shards: --shard-size)")
         self.items = items
         self.max_tokens = int(max_tokens)
         self.seed = seed
