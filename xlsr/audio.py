@@ -18,8 +18,8 @@ import torch.nn.functional as F
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AudioError", "AudioWarning", "load_audio", "load_audio_bytes", "normalize_waveform", "audio_info",
-           "audio_bytes_info"]
+__all__ = ["AudioError", "AudioWarning", "load_audio", "load_audio_bytes", "prepare_waveform", "normalize_waveform",
+           "audio_info", "audio_bytes_info"]
 
 # Paths already warned about (per process), so a file read every epoch warns only once.
 _warned_downmix: set[str] = set()
@@ -108,7 +108,23 @@ def _decode(source, name: str, sample_rate: int, resample: bool) -> np.ndarray:
         wav, file_rate = soundfile.read(source, dtype="float32", always_2d=True)  # (S, C)
     except Exception as err:
         raise AudioError(name, f"cannot decode ({_describe(err)})") from err
+    return prepare_waveform(wav, file_rate, name, sample_rate, resample)
 
+
+def prepare_waveform(wav: np.ndarray, file_rate: int, where: str, sample_rate: int = 16000,
+                     resample: bool = False) -> np.ndarray:
+    """Decoded audio -> what :func:`load_audio` returns: checked (not empty, finite, at ``sample_rate`` unless
+    ``resample``), downmixed to mono (mean over channels, one :class:`AudioWarning` per ``where``) and resampled with
+    ``soxr`` when ``resample`` and the rates differ. Also used for audio decoded elsewhere (Lhotse cuts).
+
+    Args:
+        wav: (S, C) float32 samples at ``file_rate``.
+        where: what errors and warnings name (a path, a cut id).
+
+    Returns:
+        float32 array of shape ``(S',)``.
+    """
+    name = where
     if wav.shape[0] == 0:
         raise AudioError(name, "empty (0 samples)")
     if file_rate != sample_rate and not resample:

@@ -15,6 +15,10 @@ whitespace made one space, upper-cased (``--keep-case`` to keep the case); punct
 the start of the table is ignored, and its paths match the audio files whatever their Unicode form (NFC or NFD). An
 audio file without a transcript stops the tool listing every such file, before anything is written
 (``--drop-missing-transcripts`` leaves them out of the manifests instead).
+
+With ``--to-shar DIR`` the argument is a manifest instead, turned into Lhotse Shar shards (:func:`write_shar`)::
+
+    python -m xlsr.manifest train.tsv --to-shar shar/train --shard-size 1000
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from tqdm import tqdm
 from xlsr.audio import AudioError, audio_info
 from xlsr.files import write_text_atomic
 from xlsr.text import normalize_unicode, read_text_lines
-from xlsr.vocabulary import WORD_BOUNDARY, Dictionary, normalize_transcript, words_to_letters
+from xlsr.vocabulary import WORD_BOUNDARY, Dictionary, letters_to_words, normalize_transcript, words_to_letters
 
 __all__ = [
     "ManifestError",
@@ -44,6 +48,8 @@ __all__ = [
     "write_manifest",
     "write_manifest_file",
     "find_audio_files",
+    "write_shar",
+    "LABEL_EXTENSIONS",
     "main",
 ]
 
@@ -354,12 +360,81 @@ def write_manifest_file(path: str | os.PathLike, root: str, rows: Iterable[tuple
     write_text_atomic(path, "\n".join(lines) + "\n")
 
 
+LABEL_EXTENSIONS = ("wrd", "ltr", "lang")
+"""Label files beside a manifest (``train.wrd`` ...) that :func:`write_shar` stores with each cut."""
+
+
+def write_shar(manifest: str | os.PathLike, out_dir: str | os.PathLike, *, shard_size: int = 1000,
+               audio_format: str = "flac", progress: bool = True) -> dict[str, list[str]]:
+    """Write a manifest's audio (and the label files beside it) as Lhotse Shar shards, readable by
+    ``lhotse.CutSet.from_shar(in_dir=out_dir)`` and ``data.lhotse_shar=out_dir``.
+
+    Each manifest row becomes one cut (id: its path relative to the root, one supervision over the whole
+    recording), in manifest order, ``shard_size`` cuts per shard: ``cuts.NNNNNN.jsonl.gz`` and
+    ``recording.NNNNNN.tar`` (audio re-encoded as ``audio_format``; FLAC is lossless). Label files beside the
+    manifest (``train.wrd``, ``train.ltr``, ``train.lang``; one line per row) become custom fields of the cut
+    (``wrd``, ``ltr``, ``lang``); the supervision's text is the ``.wrd`` line (else the ``.ltr`` line as words),
+    its language the ``.lang`` line.
+
+    Returns:
+        ``{"cuts": [paths], "recording": [paths]}`` written.
+
+    Raises:
+        AudioError: an unreadable audio file (its path and manifest line named).
+        ManifestError: a label file whose line count differs from the manifest's.
+    """
+    try:
+        from lhotse import Recording, SupervisionSegment
+        from lhotse.shar import SharWriter
+    except ImportError as err:
+        raise ImportError(f"--to-shar needs the 'lhotse' package ({err}): pip install 'xlsr[lhotse]'") from err
+    if shard_size < 1:
+        raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
+    manifest = os.fspath(manifest)
+    root, entries = read_manifest(manifest)
+    stem = os.path.splitext(manifest)[0]
+    labels: dict[str, list[str]] = {}
+    for ext in LABEL_EXTENSIONS:
+        path = f"{stem}.{ext}"
+        if os.path.isfile(path):
+            lines = read_text_lines(path)
+            if len(lines) != len(entries):
+                raise ManifestError(f"{path} has {len(lines)} line(s) but {manifest} has {len(entries)} row(s)")
+            labels[ext] = [line.strip() for line in lines]
+    os.makedirs(out_dir, exist_ok=True)
+    with SharWriter(os.fspath(out_dir), fields={"recording": audio_format}, shard_size=shard_size) as writer:
+        rows = tqdm(enumerate(entries), total=len(entries), desc="writing shar", unit="cut", disable=not progress)
+        for row, (rel_path, _) in rows:
+            path = os.path.join(root, rel_path)
+            where = f"{path} ({manifest} line {row + 2})"
+            if not os.path.isfile(path):
+                raise AudioError(where, "file not found")
+            try:
+                recording = Recording.from_file(path, recording_id=rel_path)
+            except Exception as err:  # lhotse's backends raise many kinds
+                raise AudioError(where, f"cannot read ({type(err).__name__}: {str(err).strip()[:300]})") from err
+            cut = recording.to_cut()
+            custom = {ext: lines[row] for ext, lines in labels.items()}
+            if custom:
+                text = custom.get("wrd") or (letters_to_words(custom["ltr"]) if "ltr" in custom else None)
+                cut.supervisions = [SupervisionSegment(id=rel_path, recording_id=rel_path, start=0.0,
+                                                       duration=recording.duration, channel=recording.channel_ids[0],
+                                                       text=text, language=custom.get("lang"))]
+                cut.custom = custom
+            try:
+                writer.write(cut)
+            except Exception as err:  # decoding for the tar happens here
+                raise AudioError(where, f"cannot decode ({type(err).__name__}: {str(err).strip()[:300]})") from err
+    return writer.output_paths
+
+
 def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m xlsr.manifest",
         description="Write fairseq-style train.tsv / valid.tsv manifests for a folder of audio.",
     )
-    parser.add_argument("root", metavar="AUDIO_DIR", help="folder searched recursively for audio files")
+    parser.add_argument("root", metavar="AUDIO_DIR",
+                        help="folder searched recursively for audio files (with --to-shar: a manifest, train.tsv)")
     parser.add_argument("--dest", default=".", help="output folder for train.tsv and valid.tsv")
     parser.add_argument("--valid-percent", type=float, default=0.01, help="fraction (0..1) of files put in valid.tsv")
     parser.add_argument("--ext", default=",".join(DEFAULT_EXTENSIONS), help="comma-separated extensions to include")
@@ -378,12 +453,18 @@ def _parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         action="store_true",
         help="with --transcripts: leave audio without a transcript out of the manifests instead of failing",
     )
+    parser.add_argument("--to-shar", metavar="DIR", default=None,
+                        help="turn the manifest AUDIO_DIR names (and its .wrd/.ltr/.lang files) into Lhotse Shar "
+                             "shards in DIR, instead of writing manifests")
+    parser.add_argument("--shard-size", type=int, default=1000, help="with --to-shar: cuts per shard")
     return parser.parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry point; returns the exit status."""
     args = _parse_args(argv)
+    if args.to_shar is not None:
+        return _to_shar_main(args)
     extensions = [ext.strip() for ext in args.ext.split(",") if ext.strip()]
     try:
         transcripts = None
@@ -437,6 +518,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if summary.num_train + summary.num_valid == 0:
         print(f"error: no readable audio with extensions {extensions} under {summary.root}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _to_shar_main(args: argparse.Namespace) -> int:
+    """``--to-shar``: the manifest ``args.root`` -> Shar shards in ``args.to_shar``."""
+    try:
+        written = write_shar(args.root, args.to_shar, shard_size=args.shard_size)
+    except (ValueError, FileNotFoundError, ImportError) as err:  # AudioError and ManifestError are ValueErrors
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(written['cuts'])} shard(s) to {args.to_shar} (cuts.NNNNNN.jsonl.gz + recording.NNNNNN.tar)")
     return 0
 
 

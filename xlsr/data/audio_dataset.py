@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from xlsr.audio import AudioError, AudioWarning, audio_info, load_audio, normalize_waveform
 from xlsr.data.batch import AudioBatch
-from xlsr.data.source import UtteranceSource
+from xlsr.data.source import UtteranceSource, training_data, validation_data
 from xlsr.manifest import read_manifest
 
 logger = logging.getLogger(__name__)
@@ -71,10 +71,34 @@ class AudioDataConfig:
 
     manifest: Optional[str] = None
     """train.tsv path (from ``python -m xlsr.manifest``); several comma-separated paths = several corpora.
-    fairseq: ``task.data`` (a folder holding train.tsv). Needed unless ``hf_dataset`` is set."""
+    Unset when the training data is given otherwise (``hf_dataset``, ``lhotse_cuts``, ``lhotse_shar``): exactly
+    one must be set. fairseq: ``task.data`` (a folder holding train.tsv)."""
 
     valid_manifest: Optional[str] = None
     """valid.tsv path for validation; None = no validation. (fairseq: ``dataset.valid_subset`` in ``task.data``.)"""
+
+    lhotse_cuts: Optional[str] = None
+    """Train on a Lhotse CutSet manifest (``cuts.jsonl.gz``, e.g. from ``lhotse prepare ...``) instead of
+    ``manifest``: each cut an utterance (its start / duration honoured), batched as a manifest. Needs
+    ``pip install 'xlsr[lhotse]'``. See docs/data-lhotse.md."""
+
+    valid_lhotse_cuts: Optional[str] = None
+    """A CutSet manifest for validation (instead of ``valid_manifest``)."""
+
+    lhotse_shar: Optional[str] = None
+    """Train on Lhotse Shar shards streamed from this folder (``cuts.NNNNNN.jsonl.gz`` + ``recording.NNNNNN.tar``,
+    e.g. from the manifest tool's ``--to-shar``) instead of ``manifest``: shards dealt to ranks, read
+    sequentially, position in the checkpoint (:class:`xlsr.data.lhotse_source.SharBatchLoader`)."""
+
+    valid_lhotse_shar: Optional[str] = None
+    """A Shar folder for validation (instead of ``valid_manifest``)."""
+
+    lhotse_shuffle_buffer: int = 1000
+    """Shar streaming: cuts of a shard bucketed and shuffled together (a window; held in memory compressed)."""
+
+    lhotse_text_field: Optional[str] = None
+    """Fine-tuning on Lhotse data: None = the transcript is the supervisions' text joined (words); else the cut's
+    (or its first supervision's) custom field of this name, in ``labels`` form (``ltr`` or ``wrd``)."""
 
     sampling_alpha: float = 1.0
     """With several corpora, each epoch resamples corpus i to probability ∝ (hours_i / hours)^alpha; 1.0 = natural
@@ -153,12 +177,10 @@ class DataConfig(AudioDataConfig):
 
 
 def check_data_source(cfg: AudioDataConfig) -> None:
-    """Raise ValueError unless the data come from exactly one place (``manifest`` or ``hf_dataset``)."""
-    if not cfg.manifest and not cfg.hf_dataset:
-        raise ValueError("data: set data.manifest (a train.tsv) or data.hf_dataset (a Hugging Face dataset)")
-    if cfg.manifest and cfg.hf_dataset:
-        raise ValueError(f"data: both data.manifest ({cfg.manifest}) and data.hf_dataset ({cfg.hf_dataset}) are "
-                         "set; train on one of them")
+    """Raise ValueError unless the training data come from exactly one place (``manifest``, ``hf_dataset``,
+    ``lhotse_cuts`` or ``lhotse_shar``) and the validation data from at most one."""
+    training_data(cfg)
+    validation_data(cfg)
     if cfg.hf_dataset and cfg.valid_manifest:
         raise ValueError("data: data.valid_manifest with data.hf_dataset; validate on a split of the dataset "
                          "(data.hf_valid_split)")

@@ -13,15 +13,21 @@ Its ``collater`` turns loaded items into a typed batch (:mod:`xlsr.data.batch`).
 ``state_dict`` / ``load_state_dict``), which is all the engine sees. Other sources plug in here:
 
 * a Hugging Face ``datasets`` split: :class:`xlsr.data.hf_dataset.HFAudioDataset` (an ``AudioDataset`` reading
-  the dataset's rows instead of a manifest's files), chosen by the tasks when ``data.hf_dataset`` is set;
-* a Lhotse stream (a lazy ``CutSet``) is not map-style: it brings its own bucketing sampler; wrap it in a loader
-  with the :class:`~xlsr.data.audio_dataset.BatchLoader` members (``total_batches``, ``num_skipped``,
-  ``set_epoch``, ``position``, ``global_index``, ``state_dict`` / ``load_state_dict``) and return that instead.
+  the dataset's rows instead of a manifest's files, through ``batched_loader``);
+* a Lhotse CutSet manifest: :class:`xlsr.data.lhotse_source.LhotseCutSource` (map-style, through
+  ``batched_loader``);
+* Lhotse Shar shards are a stream, not map-style: :class:`xlsr.data.lhotse_source.SharBatchLoader` has the
+  :class:`~xlsr.data.audio_dataset.BatchLoader` members (``total_batches``, ``num_skipped``, ``set_epoch``,
+  ``position``, ``global_index``, ``state_dict`` / ``load_state_dict``) and is returned instead.
+
+Which data a run trains on is named by one string (:func:`training_data`, :func:`validation_data`): a manifest
+path, ``hf-split:NAME`` (a split of ``data.hf_dataset``), ``lhotse-cuts:PATH`` or ``lhotse-shar:DIR``; the engine
+hands it to ``Task.build_loader``.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, runtime_checkable
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -58,10 +64,54 @@ class UtteranceSource(Protocol):
         """Loaded items -> one batch (None when none is left)."""
 
 
-def data_splits(data_cfg) -> tuple[Optional[str], Optional[str]]:
-    """What the engine passes to ``Task.build_loader`` for training and for validation (None: no validation): the
-    manifests (``data.manifest``, ``data.valid_manifest``), or with ``data.hf_dataset`` the split names
-    (``data.hf_split``, ``data.hf_valid_split``)."""
-    if getattr(data_cfg, "hf_dataset", None):
-        return data_cfg.hf_split, data_cfg.hf_valid_split
-    return data_cfg.manifest, data_cfg.valid_manifest
+HF_SCHEME = "hf-split:"
+"""Prefix of a data name that is a split of ``data.hf_dataset`` (empty after it: the dataset's only split)."""
+
+
+def _named(cfg: Any, keys: tuple[tuple[str, str], ...], hf_split_key: str) -> list[str]:
+    named = [f"{prefix}{value}" for key, prefix in keys if (value := getattr(cfg, key, None))]
+    if getattr(cfg, "hf_dataset", None) and (hf_split_key == "hf_split" or getattr(cfg, hf_split_key, None)):
+        named.append(f"{HF_SCHEME}{getattr(cfg, hf_split_key) or ''}")
+    return named
+
+
+_TRAIN_KEYS = (("manifest", ""), ("lhotse_cuts", "lhotse-cuts:"), ("lhotse_shar", "lhotse-shar:"))
+_VALID_KEYS = (("valid_manifest", ""), ("valid_lhotse_cuts", "lhotse-cuts:"), ("valid_lhotse_shar", "lhotse-shar:"))
+
+
+def training_data(cfg: Any) -> str:
+    """The name of the training data that the engine hands to ``Task.build_loader``: ``data.manifest``,
+    ``hf-split:SPLIT`` (``data.hf_dataset``, ``data.hf_split``), ``lhotse-cuts:PATH`` (``data.lhotse_cuts``) or
+    ``lhotse-shar:DIR`` (``data.lhotse_shar``).
+
+    Args:
+        cfg: the run's data config (:class:`~xlsr.data.audio_dataset.AudioDataConfig`).
+
+    Raises:
+        ValueError: none or several of them set.
+    """
+    named = _named(cfg, _TRAIN_KEYS, "hf_split")
+    if len(named) != 1:
+        keys = ", ".join([f"data.{key}" for key, _ in _TRAIN_KEYS] + ["data.hf_dataset"])
+        raise ValueError(f"data: set exactly one of {keys} (got {named or 'none'})")
+    return named[0]
+
+
+def validation_data(cfg: Any) -> Optional[str]:
+    """The name of the validation data (as :func:`training_data`; ``hf-split:`` + ``data.hf_valid_split``), or
+    None for no validation."""
+    named = _named(cfg, _VALID_KEYS, "hf_valid_split")
+    if len(named) > 1:
+        keys = ", ".join([f"data.{k}" for k, _ in _VALID_KEYS] + ["data.hf_valid_split"])
+        raise ValueError(f"data: set at most one of {keys} (got {named})")
+    return named[0] if named else None
+
+
+def hf_split_of(name: str) -> Optional[str]:
+    """The split named by ``hf-split:SPLIT`` (None for the dataset's only split); None for other data names."""
+    return (name[len(HF_SCHEME):] or None) if name.startswith(HF_SCHEME) else None
+
+
+def is_hf_source(name: str) -> bool:
+    """Whether a data name (:func:`training_data`) is a split of ``data.hf_dataset``."""
+    return name.startswith(HF_SCHEME)

@@ -8,6 +8,7 @@ fairseq's ``sentence_avg``), the tri-stage schedule, and validation (CTC loss, g
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -19,9 +20,12 @@ import torch
 from xlsr.checkpoints.ctc import is_ctc_checkpoint
 from xlsr.ctc import CTCOutput, Wav2Vec2ForCTC
 from xlsr.data.batch import AudioBatch, CTCBatch
+from xlsr.data.source import hf_split_of, is_hf_source, training_data
 from xlsr.finetune.config import FineTuneConfig
 from xlsr.data.audio_dataset import check_data_source
-from xlsr.finetune.data import FrameCounter, build_finetune_dataloader, hf_split_transcripts
+from xlsr.data.lhotse_source import CutItems, CutTranscripts, build_lhotse_loader, is_lhotse_source, lhotse_transcripts
+from xlsr.finetune.data import (FrameCounter, build_finetune_dataloader, check_finetune_data_config, collate_ctc,
+                                hf_split_transcripts)
 from xlsr.finetune.labels import dictionary_path, read_labels
 from xlsr.vocabulary import Dictionary, letters_to_words
 from xlsr.finetune.wer import error_counts
@@ -126,17 +130,16 @@ class CTCTask(Task):
         """The targets' dictionary (the same on every rank), the first of: ``cfg.dictionary``; the vocabulary of
         ``model.init_from`` when it is fine-tuned (its output indices and blank: a ``dict.ltr.txt`` beside the
         manifest that differs is not used, with a warning); ``dict.ltr.txt`` beside the (first) training manifest;
-        one built from its transcripts (with ``data.hf_dataset``: from the training split's ``data.text_column``,
-        as ``python -m xlsr.manifest --transcripts`` builds ``dict.ltr.txt``). Records in ``self._continue`` whether ``init_from`` is fine-tuned."""
-        hf = bool(cfg.data.hf_dataset)
-        if hf:
-            first_manifest, beside = None, None
-            check_data_source(cfg.data)
-        else:
-            first_manifest = cfg.data.manifest.split(",")[0].strip()
-            beside = dictionary_path(first_manifest)
-            if not Path(first_manifest).is_file():  # named before the checkpoint is looked at
-                raise FileNotFoundError(f"data.manifest={first_manifest}: no such file")
+        one built from its transcripts (``data.hf_dataset``: the training split's ``data.text_column``; Lhotse: the
+        cuts' transcripts), as the manifest tool builds ``dict.ltr.txt``. Records in ``self._continue`` whether
+        ``init_from`` is fine-tuned."""
+        check_data_source(cfg.data)
+        train_data = training_data(cfg.data)
+        hf, lhotse = is_hf_source(train_data), is_lhotse_source(train_data)
+        first_manifest = train_data.split(",")[0].strip()
+        beside = "" if hf or lhotse else dictionary_path(first_manifest)  # no dict.ltr.txt beside these sources
+        if not (hf or lhotse) and not Path(first_manifest).is_file():  # named before the checkpoint is looked at
+            raise FileNotFoundError(f"data.manifest={first_manifest}: no such file")
         self._continue = is_ctc_checkpoint(cfg.model.init_from)
         if cfg.dictionary:
             if not Path(cfg.dictionary).is_file():
@@ -155,6 +158,10 @@ class CTCTask(Task):
             rows = [r for _, r in hf_split_transcripts(cfg.data, cfg.data.hf_split) if r is not None]
             logger.info("building the dictionary from the %d transcripts of %s:%s (data.text_column=%s)", len(rows),
                         cfg.data.hf_dataset, cfg.data.hf_split, cfg.data.text_column)
+            return Dictionary.from_transcripts(rows)
+        if lhotse:
+            rows = lhotse_transcripts(train_data, self._transcripts(None))
+            logger.info("building the dictionary from the %d transcripts of %s", len(rows), train_data)
             return Dictionary.from_transcripts(rows)
         if Path(beside).is_file():
             return Dictionary.load(beside)
@@ -196,8 +203,28 @@ class CTCTask(Task):
     def find_unused_parameters(self, model: Wav2Vec2ForCTC) -> bool:
         return True  # frozen conv stack, frozen encoder for freeze_finetune_updates, LayerDrop
 
+    def _transcripts(self, dictionary: Dictionary | None) -> CutTranscripts:
+        """How a Lhotse cut's transcript becomes targets (``data.lhotse_text_field``, ``data.labels``)."""
+        data = self.cfg.data
+        return CutTranscripts(dictionary, text_field=data.lhotse_text_field, labels=data.labels, unk=data.unk)
+
     def build_loader(self, manifest: str, epoch: int, shuffle: bool = True):
         t = self.trainer
+        if is_lhotse_source(manifest):  # whole cuts (never cropped), padded, with their transcripts
+            data = self.cfg.data
+            check_finetune_data_config(data)
+            items = CutItems(
+                sample_rate=data.sample_rate, min_sample_size=data.min_sample_size,
+                max_sample_size=data.max_tokens if data.max_sample_size is None else min(data.max_sample_size,
+                                                                                        data.max_tokens),
+                crop=False, normalize=t.model_cfg.normalize if data.normalize is None else data.normalize,
+                resample=data.resample, skip_bad=data.skip_bad, targets=self._transcripts(self.dictionary),
+                collater=functools.partial(collate_ctc, pad_index=self.dictionary.pad_index),
+            )
+            return build_lhotse_loader(manifest, data, items, seed=self.cfg.seed, epoch=epoch, rank=t.rank,
+                                       world_size=t.world_size, shuffle=shuffle, skip_empty=data.skip_empty)
+        if is_hf_source(manifest):  # ``build_finetune_dataloader`` takes the split's name with data.hf_dataset
+            manifest = hf_split_of(manifest)
         return build_finetune_dataloader(
             self.cfg.data, manifest, self.dictionary, normalize=t.model_cfg.normalize, seed=self.cfg.seed,
             epoch=epoch, rank=t.rank, world_size=t.world_size, shuffle=shuffle,

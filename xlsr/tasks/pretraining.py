@@ -12,9 +12,11 @@ from typing import Any
 import torch
 
 from xlsr.config import Wav2Vec2Config
-from xlsr.data.audio_dataset import build_dataloader
+from xlsr.data.audio_dataset import build_dataloader, check_data_config
 from xlsr.data.batch import AudioBatch
 from xlsr.data.hf_dataset import build_hf_dataloader
+from xlsr.data.lhotse_source import CutItems, build_lhotse_loader, is_lhotse_source
+from xlsr.data.source import hf_split_of, is_hf_source
 from xlsr.model import Wav2Vec2Model
 from xlsr.pretrain.config import PretrainConfig
 from xlsr.pretrain.loss import LossOutput, compute_loss
@@ -153,8 +155,21 @@ class PretrainingTask(Task):
 
     def build_loader(self, manifest: str, epoch: int, shuffle: bool = True):
         t = self.trainer
-        build = build_hf_dataloader if self.cfg.data.hf_dataset else build_dataloader  # manifest: a split name
-        return build(
+        if is_lhotse_source(manifest):  # a CutSet or Shar folder: cuts cropped and batched as a manifest's files
+            data = self.cfg.data
+            check_data_config(data)
+            items = CutItems(sample_rate=data.sample_rate, min_sample_size=data.min_sample_size,
+                             max_sample_size=data.max_sample_size, crop=True,
+                             normalize=t.model_cfg.normalize if data.normalize is None else data.normalize,
+                             resample=data.resample, skip_bad=data.skip_bad, pad=data.pad)
+            return build_lhotse_loader(manifest, data, items, seed=self.cfg.seed, epoch=epoch, rank=t.rank,
+                                       world_size=t.world_size, shuffle=shuffle)
+        if is_hf_source(manifest):  # a split of data.hf_dataset: its rows cropped and batched as a manifest's files
+            return build_hf_dataloader(
+                self.cfg.data, hf_split_of(manifest), normalize=t.model_cfg.normalize, seed=self.cfg.seed,
+                epoch=epoch, rank=t.rank, world_size=t.world_size, shuffle=shuffle,
+            )
+        return build_dataloader(
             self.cfg.data, manifest, normalize=t.model_cfg.normalize, seed=self.cfg.seed, epoch=epoch,
             rank=t.rank, world_size=t.world_size, shuffle=shuffle,
         )

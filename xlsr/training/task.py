@@ -88,9 +88,10 @@ class Task(ABC):
     @abstractmethod
     def build_loader(self, manifest: str, epoch: int, shuffle: bool = True):
         """A loader of this rank's batches of ``manifest`` (``None`` for a rank without a batch), at the start
-        of ``epoch``. ``manifest`` is what :func:`xlsr.data.source.data_splits` gives: a manifest path, or with
-        ``data.hf_dataset`` the name of a split of that dataset. The loader is a
-        :class:`xlsr.data.audio_dataset.BatchLoader` (iterable, with ``total_batches``, ``num_skipped``, ``set_epoch``, ``position``, ``global_index`` and ``state_dict`` /
+        of ``epoch``. ``manifest`` is a data name of :func:`xlsr.data.source.training_data`: a manifest path,
+        ``hf-split:SPLIT``, ``lhotse-cuts:PATH`` or ``lhotse-shar:DIR``. The loader is a
+        :class:`xlsr.data.audio_dataset.BatchLoader` (iterable, with ``total_batches``, ``num_skipped``,
+        ``set_epoch``, ``position``, ``global_index`` and ``state_dict`` /
         ``load_state_dict``, by which the engine resumes), usually ``batched_loader`` over the task's
         :class:`~xlsr.data.source.UtteranceSource`."""
 

@@ -38,7 +38,7 @@ from tqdm import tqdm
 from xlsr.checkpoints.sharded import load_full_into, load_sharded_into, save_sharded
 from xlsr.config import Wav2Vec2Config
 from xlsr.data.batch import AudioBatch
-from xlsr.data.source import data_splits
+from xlsr.data.source import training_data, validation_data
 from xlsr.files import write_text_atomic
 from xlsr.model import Wav2Vec2Model
 from xlsr.training import checkpointing, run_lock
@@ -146,6 +146,8 @@ class Trainer:
 
     def __init__(self, cfg: Any, task: Task | None = None):
         self.cfg = cfg
+        self.train_data = training_data(cfg.data)  # a manifest path, or a name like lhotse-shar:DIR
+        self.valid_data = validation_data(cfg.data)
         self.task = task if task is not None else task_for(cfg)
         if cfg.distributed.strategy not in STRATEGIES:
             raise ValueError(f"distributed.strategy must be one of {STRATEGIES}, got {cfg.distributed.strategy!r}")
@@ -197,13 +199,12 @@ class Trainer:
         self.metrics.open()
         self.model.set_num_updates(self.num_updates)
 
-        train_data, valid_data = data_splits(cfg.data)  # manifests, or a dataset's split names
-        self.train_loader = self.task.build_loader(train_data, epoch=self.epoch)
+        self.train_loader = self.task.build_loader(self.train_data, epoch=self.epoch)
         if self._resume_position is not None:
             self.train_loader.load_state_dict(self._resume_position)
         self.valid_loader = None
-        if valid_data:
-            self.valid_loader = self.task.build_loader(valid_data, epoch=1, shuffle=False)
+        if self.valid_data is not None:
+            self.valid_loader = self.task.build_loader(self.valid_data, epoch=1, shuffle=False)
         self._dummy_batch: AudioBatch | None = None  # what a rank without a batch runs at zero weight (DDP, FSDP)
         self.epoch_totals = self.task.new_totals()  # this epoch's updates, for the end-of-epoch line
         self._epoch_updates = 0
@@ -515,7 +516,7 @@ class Trainer:
             complete = self.train_loader.position >= self.train_loader.total_batches
             loaded_none = self._epoch_data_batches == 0 and not self.epoch_totals.values["num_batches"]
             if batches_left and complete and loaded_none:
-                raise RuntimeError(f"epoch {self.epoch}: no batch of {data_splits(cfg.data)[0]} could be loaded")
+                raise RuntimeError(f"epoch {self.epoch}: no batch of {self.train_data} could be loaded")
             self._end_epoch(complete)
         # 4. the end: last update logged, a checkpoint of it, the final model
         if progress is not None:
