@@ -111,21 +111,47 @@ def test_pretraining_run_logs_probe_accuracy(speech_manifest, probe_set, tmp_pat
     fit = fit_linear_probe(train_x, train_y, 5, steps=trainer.cfg.probe.steps, lr=trainer.cfg.probe.lr)
     assert valid[-1]["probe_accuracy"] == fit.accuracy(valid_x, valid_y)
     assert valid[-1]["probe_train_accuracy"] == fit.accuracy(train_x, train_y)
+    # the features are layer 1's output (0-based layer_results[0]), mean-pooled, as one clip alone gives it
+    clip = probe.valid.dataset[0]["source"]
+    with torch.no_grad():
+        alone = model.extract_features(clip[None]).layer_results[0].mean(dim=1)[0]
+    torch.testing.assert_close(valid_x[valid_ids.tolist().index(0)], alone, rtol=1e-4, atol=1e-4)
     # the labels follow the clips: each held-out clip's label is its language folder
     for i in range(5):
         assert Path(probe.valid.dataset.path(i)).parent.name == probe.valid.labels[i]
 
 
+FSDP_SCRIPT = """
+import json, sys
+import torch
+from xlsr.pretrain.config import compose_config
+from xlsr.pretrain.trainer import Trainer
+from xlsr.probe import extract_pooled_features
+
+overrides, out = json.loads(sys.argv[1]), sys.argv[2]
+plain = Trainer(compose_config(overrides + [f"output_dir={out}/plain"]))
+sharded = Trainer(compose_config(overrides + [f"output_dir={out}/fsdp", "distributed.strategy=fsdp",
+                                              "distributed.backend=gloo", "device=cpu"]))
+dataset = sharded.task.probe.valid.dataset
+# before any forward of the sharded model: only extract_features' own hooks gather the root group's parameters
+a, ids_a = extract_pooled_features(plain.model, dataset, 1, plain.cfg.data, torch.device("cpu"))
+b, ids_b = extract_pooled_features(sharded.model, dataset, 1, sharded.cfg.data, torch.device("cpu"))
+assert torch.equal(ids_a, ids_b)
+print(json.dumps({"difference": float((a - b).abs().max()), "scale": float(a.abs().max())}))
+sharded.train()
+"""
+
+
 def test_probe_runs_under_fsdp(speech_manifest, probe_set, tmp_path):
-    """FSDP (a process group of one): the probe's extract_features gathers the root group's parameters."""
-    out = tmp_path / "fsdp"
-    args = probe_overrides(speech_manifest, probe_set, out, "distributed.strategy=fsdp", "distributed.backend=gloo",
-                           "device=cpu")
-    result = subprocess.run([sys.executable, "-m", "xlsr.pretrain", *args], cwd=REPO, capture_output=True,
-                            text=True, timeout=600)
+    """FSDP (a process group of one): the same probe features as without sharding, and the probe in the records."""
+    args = probe_overrides(speech_manifest, probe_set, tmp_path / "unused")
+    result = subprocess.run([sys.executable, "-c", FSDP_SCRIPT, json.dumps(args), str(tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    valid = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    valid = [r for r in valid if r["split"] == "valid"]
+    features = next(json.loads(line) for line in result.stdout.splitlines() if line.startswith("{\"difference"))
+    assert features["difference"] <= 1e-5 * features["scale"], features
+    records = [json.loads(line) for line in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]
+    valid = [r for r in records if r["split"] == "valid"]
     assert [r["update"] for r in valid] == [2, 4]
     assert all(0.0 <= r["probe_accuracy"] <= 1.0 for r in valid)
 
