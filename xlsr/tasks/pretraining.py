@@ -191,7 +191,7 @@ class PretrainingTask(Task):
         self.probe = LinearProbe(
             probe.manifest, probe.valid_manifest, labels=probe.labels,
             layer=probe_layer(probe.layer, model_cfg.encoder_layers), steps=probe.steps, lr=probe.lr,
-            max_samples=int(probe.max_seconds * model_cfg.sample_rate),
+            max_samples=int(probe.max_seconds * self.cfg.data.sample_rate),
             min_samples=receptive_field(model_cfg.conv_layers), sample_rate=self.cfg.data.sample_rate,
             normalize=model_cfg.normalize if self.cfg.data.normalize is None else self.cfg.data.normalize,
             seed=self.cfg.seed, skip_bad=self.cfg.data.skip_bad,
