@@ -12,7 +12,7 @@ import torch
 from test_pretrain import SPEECH, SPEECH_BATCHING, overrides, read_metrics, run_in_process  # noqa: F401
 from xlsr.manifest import read_manifest, write_manifest
 from xlsr.pretrain.config import compose_config
-from xlsr.probe import extract_pooled_features, fit_linear_probe, read_class_labels
+from xlsr.probe import extract_pooled_features, fit_linear_probe, probe_layer, read_class_labels
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,6 +49,14 @@ def test_fit_ignores_the_callers_no_grad_and_is_deterministic():
     b = fit_linear_probe(train_x, train_y, 3, steps=50)
     assert a.weight.abs().sum() > 0
     assert torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias)
+
+
+def test_probe_layer_defaults_to_the_middle_and_refuses_others():
+    assert [probe_layer(None, n) for n in (1, 2, 12, 24)] == [1, 1, 6, 12]
+    assert probe_layer(24, 24) == 24
+    for bad in (0, 25):
+        with pytest.raises(ValueError, match="probe.layer must be in 1..24"):
+            probe_layer(bad, 24)
 
 
 # ---------------------------------------------------------------------------------------------------- the probe set
