@@ -24,7 +24,10 @@ CPU mode
     (the same with activation checkpointing in both), train-fp32-lowmem (ours with checkpointing and the optimizer
     step inside backward, ``optim.step_in_backward=true`` of the trainer; HF with checkpointing), finetune-fp32
     (CTC fine-tuning, 2 x 4 s: xlsr.Wav2Vec2ForCTC against HF's Wav2Vec2ForCTC, frozen conv stack, 0.05 x 10 time
-    masks drawn by each model, CTC loss on random targets, 32 symbols, ~50 per utterance; not fairseq). All use the
+    masks drawn by each model, CTC loss on random targets, 32 symbols, ~50 per utterance; not fairseq),
+    classify-fp32 (classification, 2 x 4 s: xlsr.Wav2Vec2ForSequenceClassification against HF's, the same random
+    weights written once by this process, 107 classes, the CTC workload's encoder settings, cross entropy; their
+    eval-mode losses must agree before anything is timed; not fairseq). All use the
     same optimiser (``--optim``: fused AdamW by default, which is also HF Trainer's default).
 
     The machine may be shared: before each repetition the parent waits (up to ``--max-wait`` s) until other
@@ -71,7 +74,7 @@ for _path in (str(ROOT), str(HERE)):
 
 from xlsr.flops import workload_flops  # noqa: E402
 from xlsr.workloads import CTC_VOCAB, make_inputs  # noqa: E402
-from impls import fairseq_importable  # noqa: E402
+from impls import fairseq_importable, save_classifier  # noqa: E402
 from machine import LoadMeter, ceiling_main, machine_description, measure_ceiling  # noqa: E402
 from mfu import mfu_mode, mfu_worker_main  # noqa: E402
 from strategies import add_arguments as add_strategy_arguments  # noqa: E402
@@ -88,29 +91,38 @@ WORKLOADS = {
     "train-fp32-ckpt": ("train", 2, 4.0, False, True, False),
     "train-fp32-lowmem": ("train", 2, 4.0, False, True, True),
     "finetune-fp32": ("finetune", 2, 4.0, False, False, False),  # CTC fine-tuning step, frozen conv stack
+    "classify-fp32": ("classify", 2, 4.0, False, False, False),  # classification step (107 classes), frozen conv
 }
 DEFAULT_WORKLOADS = list(WORKLOADS)
 
 
 # ---------------------------------------------------------------------------------------------------- CPU mode
-def run_workload(args, name: str, inputs_path: str) -> dict:
-    """One workload: a worker per implementation, interleaved timed repetitions, then profiles and memory."""
+def run_workload(args, name: str, inputs_path: str, weights: dict | None = None) -> dict:
+    """One workload: a worker per implementation, interleaved timed repetitions, then profiles and memory.
+    ``weights``: the classifier folders of each implementation (classification: both load the same weights, and
+    their eval-mode losses must agree before anything is timed)."""
     kind, batch, seconds, bf16, checkpointing, step_in_backward = WORKLOADS[name]
     # fairseq has no activation checkpointing, its train forward fails under autocast on current torch
     # (apply_mask index_puts the fp32 mask embedding into bf16 features), and it has no CTC runner here
     impls = [i for i in args.impls
-             if not (i == "fairseq" and (checkpointing or (bf16 and kind == "train") or kind == "finetune"))]
+             if not (i == "fairseq" and (checkpointing or (bf16 and kind == "train") or kind in ("finetune", "classify")))]
     workers: dict[str, Worker] = {}
+    check_losses: dict[str, float] = {}
     try:
         for impl in impls:
             spec = {
                 "impl": impl, "workload": name, "kind": kind, "bf16": bf16, "checkpointing": checkpointing,
                 "step_in_backward": step_in_backward and impl.startswith("ours"), "device": args.device,
                 "threads": args.threads, "preset": args.preset, "optim": args.optim, "warmup": args.warmup,
-                "inputs": inputs_path, "fairseq_path": args.fairseq_path,
+                "inputs": inputs_path, "fairseq_path": args.fairseq_path, "weights": weights,
             }
             workers[impl] = Worker(spec, worker_env(args.env))
-            workers[impl].read()  # built and warmed up (one at a time: the other worker is not running yet)
+            # built and warmed up (one at a time: the other worker is not running yet)
+            ready = workers[impl].read()
+            if "check_loss" in ready:
+                check_losses[impl] = ready["check_loss"]
+        if check_losses:
+            check_same_loss(name, check_losses)
         pids = [w.proc.pid for w in workers.values()]
         reps = args.reps or (3 if args.quick else 9 if kind == "infer" else 5)  # train and finetune: 5
         times = {impl: [] for impl in impls}
@@ -129,10 +141,30 @@ def run_workload(args, name: str, inputs_path: str) -> dict:
                 util[impl].append(result["cpu"] / (result["time"] * args.threads))
         profiles = {impl: worker.request("profile") for impl, worker in workers.items()} if args.profile else {}
         memory = {impl: w.finish() for impl, w in workers.items()}
-        return {"times": times, "noise": noise, "util": util, "memory": memory, "waited": waited, "profiles": profiles}
+        return {"times": times, "noise": noise, "util": util, "memory": memory, "waited": waited, "profiles": profiles,
+                "check_loss": check_losses}
     finally:
         for worker in workers.values():
             worker.kill()
+
+
+def check_same_loss(name: str, losses: dict[str, float], rtol: float = 1e-4) -> None:
+    """Stop unless every implementation's eval-mode loss on the same weights and batch agrees with ours within
+    ``rtol`` (fp32 rounding of two orders of the same sums)."""
+    reference = losses.get("ours", next(iter(losses.values())))
+    print(f"{name}: eval-mode loss, same weights and batch: "
+          + ", ".join(f"{impl} {value:.7f}" for impl, value in losses.items())
+          + f" (largest relative difference {max(abs(v - reference) for v in losses.values()) / abs(reference):.1e})",
+          flush=True)
+    for impl, value in losses.items():
+        if abs(value - reference) > rtol * abs(reference):
+            raise SystemExit(f"{name}: {impl}'s loss {value} differs from {reference} by more than {rtol:g} "
+                             "(relative): the implementations do not compute the same thing; nothing timed")
+
+
+def load_average() -> str:
+    """``uptime``'s load averages (1, 5, 15 min): how busy the shared machine was."""
+    return "load average %.2f, %.2f, %.2f" % os.getloadavg()
 
 
 def cpu_mode(args) -> None:
@@ -142,7 +174,8 @@ def cpu_mode(args) -> None:
 
     cfg = xlsr.Wav2Vec2Config.from_preset(args.preset)
     machine = machine_description("cpu")
-    print(f"# {machine['cpu']}, {args.threads} threads, torch {machine['torch']}, {machine['date']}", flush=True)
+    print(f"# {machine['cpu']}, flags: {machine.get('isa', '?')}, {args.threads} threads, torch {machine['torch']}, "
+          f"{machine['date']}, {load_average()}", flush=True)
     ceiling = measure_ceiling(args)
     n_bf16 = ceiling.get("n_bf16", ceiling["n"])
     small = f" (bf16 at {n_bf16}^2: no fast bf16 kernel here)" if n_bf16 < ceiling["n"] else ""
@@ -153,15 +186,19 @@ def cpu_mode(args) -> None:
         for name in args.workloads:
             kind, batch, seconds, bf16 = WORKLOADS[name][:4]
             samples = int(seconds * cfg.sample_rate)
-            inputs = make_inputs(cfg, batch, samples, ctc=kind == "finetune")
+            inputs = make_inputs(cfg, batch, samples, ctc=kind == "finetune", classify=kind == "classify")
             path = os.path.join(tmp, f"{name}.pt")
             torch.save(inputs, path)
+            weights = save_classifier(cfg, os.path.join(tmp, name)) if kind == "classify" else None
             flops = workload_flops(cfg, kind, batch, samples, int(inputs["mask"].sum()), CTC_VOCAB)
             t0 = time.time()
-            result = run_workload(args, name, path)
-            row = {"workload": name, "flops": flops, "bf16": bf16, **result}
+            load_before = load_average()
+            result = run_workload(args, name, path, weights)
+            row = {"workload": name, "flops": flops, "bf16": bf16, **result,
+                   "load_average": [load_before, load_average()]}
             rows.append(row)
-            print(format_row_text(row, ceiling), f"[{time.time() - t0:.0f} s]", flush=True)
+            print(format_row_text(row, ceiling), f"[{time.time() - t0:.0f} s; before: {load_before}; "
+                  f"after: {row['load_average'][1]}]", flush=True)
     ceiling_after = measure_ceiling(args)
     print(f"matmul ceiling after: fp32 {ceiling_after['fp32']:.0f}, bf16 {ceiling_after['bf16']:.0f} GFLOP/s")
     table = results_table(rows, ceiling, args)

@@ -2,12 +2,16 @@
 
     ours, ours+compile  xlsr's Wav2Vec2Model (+ compile_encoder()); train loss: xlsr.pretrain.loss.compute_loss;
                         fine-tuning: xlsr.Wav2Vec2ForCTC and its ctc_loss
+                        classification: xlsr.Wav2Vec2ForSequenceClassification, cross entropy
     hf                  transformers' Wav2Vec2Model (inference) / Wav2Vec2ForPreTraining (train) /
-                        Wav2Vec2ForCTC with freeze_feature_encoder() (fine-tuning), SDPA attention
+                        Wav2Vec2ForCTC with freeze_feature_encoder() (fine-tuning) /
+                        Wav2Vec2ForSequenceClassification with freeze_feature_encoder() (classification), SDPA attention
     fairseq             fairseq's own Wav2Vec2Model (``--fairseq-path``, benchmarks/README.md) and its criterion
                         (pretraining and inference only)
 
-``make_inputs`` (xlsr/workloads.py) writes the shared inputs (audio, span mask, negatives; CTC targets),
+``make_inputs`` (xlsr/workloads.py) writes the shared inputs (audio, span mask, negatives; CTC targets for
+fine-tuning, class labels for classification), ``save_classifier`` the classifier weights both implementations of
+the classification step load,
 ``make_runner`` builds one implementation for one workload spec; its ``step()`` times one repetition (inference,
 or a train step with the optimiser).
 Everything heavy (torch, xlsr, transformers, fairseq) is imported inside the functions, in the worker processes.
@@ -21,7 +25,24 @@ import subprocess
 import sys
 import time
 
-from xlsr.workloads import ctc_config
+from xlsr.workloads import classification_config, ctc_config
+
+
+
+def save_classifier(cfg, folder: str, seed: int = 0) -> dict[str, str]:
+    """A randomly initialised classifier of the classification workload, written twice into ``folder``: ours
+    (``native/``, read by ours) and as an HF folder (``hf/``, our exporter, read by transformers), so both
+    implementations start from the same weights. Returns ``{"ours": path, "hf": path}``."""
+    import torch
+
+    import xlsr
+
+    torch.manual_seed(seed)
+    model = xlsr.Wav2Vec2ForSequenceClassification(classification_config(cfg))
+    paths = {"ours": os.path.join(folder, "native"), "hf": os.path.join(folder, "hf")}
+    model.save_pretrained(paths["ours"])
+    model.save_pretrained(paths["hf"], huggingface=True)
+    return paths
 
 
 def hf_config(cfg):
@@ -91,7 +112,8 @@ class Runner:
         self.device = torch.device(spec["device"])
         self.bf16 = spec["bf16"]
         self.finetune = spec["kind"] == "finetune"
-        self.train = spec["kind"] in ("train", "finetune")
+        self.classify = spec["kind"] == "classify"
+        self.train = spec["kind"] in ("train", "finetune", "classify")
         torch.manual_seed(0)
         import xlsr
 
@@ -99,6 +121,7 @@ class Runner:
         self.source, self.mask, self.negatives = (inputs[key].to(self.device) for key in ("source", "mask", "negatives"))
         self.targets = inputs["targets"].to(self.device) if "targets" in inputs else None
         self.target_lengths = inputs["target_lengths"].to(self.device) if "target_lengths" in inputs else None
+        self.class_labels = inputs["class_labels"].to(self.device) if "class_labels" in inputs else None
         model = self.build(cfg)
         self.model = model.to(self.device).train(self.train)
         self.optimizer = None
@@ -123,8 +146,19 @@ class Runner:
 
     def loss(self):
         """One training forward with ``self.mask`` (and ``self.negatives``): the pretraining loss; for fine-tuning
-        (``self.finetune``) the CTC loss of ``self.targets``, time masks drawn by the model itself."""
+        (``self.finetune``) the CTC loss of ``self.targets``, time masks drawn by the model itself; for classification
+        (``self.classify``) the cross entropy of ``self.class_labels``, averaged over the batch."""
         raise NotImplementedError
+
+    def check_loss(self) -> float:
+        """The classification loss in eval mode (no masks, no dropout), without gradient: the same for every
+        implementation given the same weights (checked by the parent before timing)."""
+        self.model.eval()
+        try:
+            with self.torch.no_grad():
+                return float(self.loss())
+        finally:
+            self.model.train(self.train)
 
     def _autocast(self):
         return self.torch.autocast(self.device.type, dtype=self.torch.bfloat16, enabled=self.bf16)
@@ -174,6 +208,10 @@ class OursRunner(Runner):
             model = xlsr.Wav2Vec2ForCTC(ctc_config(cfg))
             model.wav2vec2.set_activation_checkpointing(self.spec["checkpointing"])
             return model
+        if self.classify:  # the weights the parent wrote (save_classifier), in our format
+            model = xlsr.Wav2Vec2ForSequenceClassification.from_pretrained(self.spec["weights"]["ours"])
+            model.wav2vec2.set_activation_checkpointing(self.spec["checkpointing"])
+            return model
         model = xlsr.Wav2Vec2Model(cfg)
         model.set_activation_checkpointing(self.spec["checkpointing"])
         if "compile" in self.impl:
@@ -186,6 +224,8 @@ class OursRunner(Runner):
     def loss(self):
         if self.finetune:
             return self.model.ctc_loss(self.model(self.source), self.targets, self.target_lengths)
+        if self.classify:
+            return self.torch.nn.functional.cross_entropy(self.model(self.source).logits, self.class_labels)
         out = self.model(self.source, mask_indices=self.mask, negative_indices=self.negatives)
         return self._compute_loss(out, (0.1, 0.0)).total  # XLS-R weights: contrastive + 0.1 diversity
 
@@ -197,6 +237,7 @@ class HFRunner(Runner):
         from transformers import Wav2Vec2Config as HFConfig
         from transformers import Wav2Vec2ForCTC as HFForCTC
         from transformers import Wav2Vec2ForPreTraining
+        from transformers import Wav2Vec2ForSequenceClassification as HFForClassification
         from transformers import Wav2Vec2Model as HFModel
 
         if self.finetune:  # our CTC config in HF's terms (vocab_size, pad_token_id = blank, ctc_* settings)
@@ -211,6 +252,10 @@ class HFRunner(Runner):
             # HF's labels: padding -100 (its loss also drops the blank, but -100 is what its collators write)
             lengths = self.target_lengths[:, None]
             self.labels = self.targets.masked_fill(self.torch.arange(self.targets.shape[1])[None, :] >= lengths, -100)
+        elif self.classify:  # the weights the parent wrote (save_classifier) through our HF exporter
+            model = HFForClassification.from_pretrained(self.spec["weights"]["hf"], attn_implementation="sdpa")
+            model.freeze_feature_encoder()  # feature_grad_mult 0
+            self.labels = self.class_labels
         else:
             hf_cfg = hf_config(cfg)
             hf_cfg._attn_implementation = "sdpa"
@@ -226,7 +271,7 @@ class HFRunner(Runner):
         return self.model(self.source).last_hidden_state
 
     def loss(self):
-        if self.finetune:
+        if self.finetune or self.classify:
             return self.model(self.source, labels=self.labels).loss
         return self.model(self.source, mask_time_indices=self.mask, sampled_negative_indices=self.negatives).loss
 
@@ -237,8 +282,8 @@ class FairseqRunner(Runner):
     def build(self, cfg):
         if self.spec["checkpointing"]:
             raise ValueError("fairseq's wav2vec 2.0 has no activation checkpointing option")
-        if self.finetune:
-            raise ValueError("the fairseq runner has no CTC fine-tuning step (its Wav2VecCtc needs a task)")
+        if self.finetune or self.classify:
+            raise ValueError("the fairseq runner has no fine-tuning steps (its Wav2VecCtc and classifier need a task)")
         model = fairseq_model(cfg, self.spec.get("fairseq_path", ""))
         model.set_num_updates(0)
         return model

@@ -155,8 +155,9 @@ Written by `{command_line().strip()}` on {machine['date']}.
 Machine: {machine['cpu']} ({machine.get('cpus', '?')} CPUs, {machine.get('isa', '')}), {args.threads} threads;
 torch {machine['torch']}, transformers {machine['transformers']}, Python {machine['python']}.
 Model: `{args.preset}` preset, random weights; HF: `Wav2Vec2Model` (inference) / `Wav2Vec2ForPreTraining` (train)
-/ `Wav2Vec2ForCTC` (finetune: ours `Wav2Vec2ForCTC`, both with a frozen conv stack) with the same architecture, SDPA
-attention. Optimiser: AdamW ({args.optim}) for all; in train-fp32-lowmem ours
+/ `Wav2Vec2ForCTC` (finetune: ours `Wav2Vec2ForCTC`, both with a frozen conv stack) / `Wav2Vec2ForSequenceClassification`
+(classify: ours `Wav2Vec2ForSequenceClassification`, the same weights, frozen conv stack) with the same architecture,
+SDPA attention. Optimiser: AdamW ({args.optim}) for all; in train-fp32-lowmem ours
 applies it inside backward (`optim.step_in_backward=true`: the same updates), the others after backward.
 Worker environment settings (the same for all): {', '.join(environment_settings(args.env)) or 'none'}.
 fairseq: {fairseq_description(args) or 'not run'}.
@@ -171,7 +172,7 @@ GFLOP/s before the runs; {ceiling_after['fp32']:.0f} / {ceiling_after['bf16']:.0
 GFLOP: analytic model FLOPs (multiply-add = 2), the same for both implementations: conv stack, feature projection,
 positional conv, 24 x (8 d^2 + 4 d F) T + 24 x 4 d T^2 per utterance, plus the contrastive head on the masked
 frames for training; a train step counts 3 x forward; a fine-tuning step the conv stack once, the projection twice,
-the rest (lm_head included) 3 times. "of ceiling": GFLOP/s over the matmul ceiling of the same
+the rest (lm_head, or the classification head) 3 times. "of ceiling": GFLOP/s over the matmul ceiling of the same
 dtype. "noise": CPU cores used by other processes during the timed repetitions (the machine may be shared).
 "speed-up vs HF": median over repetitions of HF time / our time, each pair run back to back. Every repetition's
 time is in `benchmarks/results.json`.

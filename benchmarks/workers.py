@@ -4,7 +4,8 @@ A child is ``python benchmarks/bench.py --<kind>-worker '<JSON spec>'`` (bench.p
 child finds these modules and xlsr from any working directory). It answers with one JSON object per line on
 stdout: one-shot children (matmul ceiling, MFU) print their result last and exit (``run_child``,
 ``last_reply``); a workload worker (``--worker``, ``worker_main``, driven by ``Worker``) builds one
-implementation on one workload (impls.py), warms up and prints ``{"ready": true}``, then answers commands on
+implementation on one workload (impls.py), warms up and prints ``{"ready": true}`` (classification: with
+``"check_loss"``, the eval-mode loss of the shared weights before any step), then answers commands on
 stdin, one line each:
 
     run      -> {"time": wall s, "cpu": CPU s} of one repetition
@@ -133,9 +134,12 @@ def worker_main(spec: dict) -> None:
     inputs = torch.load(spec["inputs"], weights_only=True)
     runner = make_runner(spec["impl"], spec, inputs)
     rss_built = current_rss_mb()
+    ready = {"ready": True}
+    if spec["kind"] == "classify":  # the loss of the shared weights, before any step changes them
+        ready["check_loss"] = runner.check_loss()
     for _ in range(spec["warmup"]):
         runner.step()
-    reply({"ready": True})
+    reply(ready)
     for line in sys.stdin:
         command = line.strip()
         if command == "run":

@@ -4,7 +4,7 @@ Used by ``python -m xlsr.doctor --bench`` and by benchmarks/ (mfu.py, bench.py, 
 
 The same count serves every implementation, so GFLOP/s and MFU compare like with like: conv stack, feature
 projection, positional conv, the transformer layers and, for training, the contrastive head on the masked frames;
-a train step counts 3 x forward. A CTC fine-tuning step (frozen conv stack) counts the conv stack once, the feature
+a train step counts 3 x forward. A CTC fine-tuning (or classification) step (frozen conv stack) counts the conv stack once, the feature
 projection twice (forward and weight gradient: its input needs none) and the rest, CTC head included, 3 times.
 """
 
@@ -58,13 +58,25 @@ def finetune_flops(cfg, batch: int, samples: int, vocab: int) -> float:
     return conv + 2.0 * projection + 3.0 * (encoder_flops(cfg, batch, frames) + head)
 
 
+def classify_flops(cfg, batch: int, samples: int, proj: int = 256, classes: int = 107) -> float:
+    """Model FLOPs of a classification step with a frozen conv stack: as :func:`finetune_flops`, with HF's head
+    (``projector`` d -> ``proj`` on every frame, the classifier on the pooled vector) instead of the lm_head."""
+    conv, frames = conv_stack_flops(cfg, batch, samples)
+    d = cfg.encoder_embed_dim
+    projection = 2.0 * cfg.conv_dim * d * frames * batch
+    head = 2.0 * d * proj * frames * batch + 2.0 * proj * classes * batch
+    return conv + 2.0 * projection + 3.0 * (encoder_flops(cfg, batch, frames) + head)
+
+
 def workload_flops(cfg, kind: str, batch: int, samples: int, masked: int, vocab: int = 32) -> float:
-    """Model FLOPs of one repetition: a forward for ``kind`` "infer", a CTC fine-tuning step for "finetune", else
-    a train step (3 x forward with head)."""
+    """Model FLOPs of one repetition: a forward for ``kind`` "infer", a CTC fine-tuning step for "finetune", a
+    classification step for "classify", else a train step (3 x forward with head)."""
     if kind == "infer":
         return forward_flops(cfg, batch, samples)
     if kind == "finetune":
         return finetune_flops(cfg, batch, samples, vocab)
+    if kind == "classify":
+        return classify_flops(cfg, batch, samples)
     return 3.0 * forward_flops(cfg, batch, samples, masked, head=True)
 
 

@@ -1,5 +1,6 @@
 """The benchmark workloads, shared by ``python -m xlsr.doctor --bench`` and benchmarks/: the inputs of a
-pretraining step (audio, span mask, negatives) and the CTC fine-tuning setting (``ctc_config``, ``CTC_*``)."""
+pretraining step (audio, span mask, negatives), the CTC fine-tuning setting (``ctc_config``, ``CTC_*``) and the
+classification setting (``classification_config``, ``NUM_CLASSES``)."""
 
 from __future__ import annotations
 
@@ -22,9 +23,24 @@ def ctc_config(cfg):
                      zero_infinity=True, ctc_loss_reduction="sum")
 
 
-def make_inputs(cfg, batch: int, samples: int, seed: int = 0, ctc: bool = False) -> dict:
+# the classification workload (kind "classify"): the CTC workload's encoder settings, HF's head (mean pooling, no
+# activation, projector of 256) over 107 classes as VoxLingua107, cross entropy averaged over the batch (HF's loss)
+NUM_CLASSES = 107
+
+
+def classification_config(cfg):
+    """Our ``ClassificationConfig`` of the classification workload on the encoder ``cfg``."""
+    from xlsr.config import ClassificationConfig
+    from xlsr.ctc import finetuning_encoder_config
+
+    encoder = finetuning_encoder_config(cfg, **CTC_ENCODER_SETTINGS)
+    return ClassificationConfig(encoder=encoder, num_labels=NUM_CLASSES, apply_mask=True)
+
+
+def make_inputs(cfg, batch: int, samples: int, seed: int = 0, ctc: bool = False, classify: bool = False) -> dict:
     """Audio, a fixed span mask (cfg.mask_prob x cfg.mask_length) and HF-sampled negatives, shared by both; with
-    ``ctc`` also random CTC targets (B, L) of labels 1..CTC_VOCAB-1, padded with the blank 0, and their lengths."""
+    ``ctc`` also random CTC targets (B, L) of labels 1..CTC_VOCAB-1, padded with the blank 0, and their lengths;
+    with ``classify`` random class labels (B,) in 0..NUM_CLASSES-1."""
     import torch
 
     import xlsr
@@ -53,4 +69,7 @@ def make_inputs(cfg, batch: int, samples: int, seed: int = 0, ctc: bool = False)
         targets = torch.randint(1, CTC_VOCAB, (batch, int(lengths.max())), generator=gen)
         targets[torch.arange(targets.shape[1])[None, :] >= lengths[:, None]] = 0
         inputs.update(targets=targets, target_lengths=lengths)
+    if classify:
+        gen = torch.Generator().manual_seed(seed + 2)
+        inputs["class_labels"] = torch.randint(0, NUM_CLASSES, (batch,), generator=gen)
     return inputs

@@ -20,7 +20,7 @@ from xlsr.training.run_config import (  # re-exported: the run sections, once de
 )
 
 
-__all__ = ["PretrainConfig", "ModelConfig", "OptimConfig", "DataConfig", "DistributedConfig", "CheckpointConfig",
+__all__ = ["PretrainConfig", "ModelConfig", "OptimConfig", "ProbeConfig", "DataConfig", "DistributedConfig", "CheckpointConfig",
            "RunConfig",            "CONF_DIR", "compose_app_config", "compose_config", "register_configs"]
 
 def _optional_field_type(f: dataclasses.Field) -> Any:
@@ -103,9 +103,43 @@ class OptimConfig(RunOptimConfig):
 
 
 @dataclass
+class ProbeConfig:
+    """A linear probe at every validation (``xlsr/probe.py``): mean-pooled frozen features of one transformer layer
+    for a small labelled set, a multinomial logistic regression fitted on its train part, its accuracy on the held-out
+    part logged as ``probe_accuracy`` (and ``probe_train_accuracy``, ``probe_seconds``) in the valid record. It shows
+    whether the representations get better for a downstream task, not only the contrastive loss. No fairseq field."""
+
+    manifest: str = ""
+    """Train manifest of the probe set (fairseq layout: ``train.tsv`` with the label file beside it, ``train.lang``,
+    one label per manifest row). Empty = no probe (the default)."""
+
+    valid_manifest: str = ""
+    """Held-out manifest of the probe set (``valid.tsv`` + ``valid.lang``); its labels must all occur in the train
+    part. Required with ``manifest``."""
+
+    labels: str = "lang"
+    """Extension of the label files: ``train.tsv`` -> ``train.<labels>`` (fairseq's ``task.labels``)."""
+
+    layer: Optional[int] = None
+    """Transformer layer whose output is pooled, 1..encoder_layers (HF's ``hidden_states[layer]``: no final
+    LayerNorm). None = the middle one (encoder_layers // 2, at least 1): in pretrained wav2vec 2.0 / XLS-R the
+    last layers specialise in the pretraining task and the middle ones carry most of what downstream tasks
+    use, and the forward stops there (half the encoder's cost)."""
+
+    steps: int = 300
+    """Full-batch Adam steps of the logistic regression (zero init, standardised features: deterministic)."""
+
+    lr: float = 0.01
+    """Learning rate of those steps."""
+
+    max_seconds: float = 4.0
+    """Each clip is cropped to at most this many seconds (a seeded crop: the same at every validation)."""
+
+
+@dataclass
 class PretrainConfig(RunConfig):
     """Everything ``python -m xlsr.pretrain`` reads (``xlsr/conf/pretrain.yaml`` composes it): the run fields of
-    :class:`~xlsr.training.run_config.RunConfig` and pretraining's ``model``, ``data`` and ``optim``."""
+    :class:`~xlsr.training.run_config.RunConfig` and pretraining's ``model``, ``data``, ``optim`` and ``probe``."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     """Model group (``model=xlsr-300m`` etc.): preset, init checkpoint, architecture overrides, loss weights."""
@@ -116,6 +150,9 @@ class PretrainConfig(RunConfig):
 
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optim group: optimizer and LR schedule."""
+
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    """A linear probe on a small labelled set at every validation (off unless ``probe.manifest`` is set)."""
 
     output_dir: str = "runs/pretrain"
     """``pretrain.yaml`` sets ``runs/pretrain-<model>``."""

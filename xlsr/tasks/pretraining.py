@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 import torch
+from torch.distributed.fsdp import register_fsdp_forward_method
 
 from xlsr.config import Wav2Vec2Config
 from xlsr.data.audio_dataset import build_dataloader, check_data_config
@@ -18,8 +19,10 @@ from xlsr.data.hf_dataset import build_hf_dataloader
 from xlsr.data.lhotse_source import CutItems, build_lhotse_loader, is_lhotse_source
 from xlsr.data.source import hf_split_of, is_hf_source
 from xlsr.model import Wav2Vec2Model
+from xlsr.modules.feature_encoder import receptive_field
 from xlsr.pretrain.config import PretrainConfig
 from xlsr.pretrain.loss import LossOutput, compute_loss
+from xlsr.probe import LinearProbe, probe_layer
 from xlsr.training.metrics import Totals
 from xlsr.training.optim import polynomial_decay_lr
 from xlsr.training.task import Task, register_task
@@ -131,12 +134,14 @@ class PretrainingTask(Task):
 
     cfg: PretrainConfig
     BEST_METRICS = ("loss",)
-    HEADLINE = (("loss", "loss %.3f bits"), ("accuracy", "accuracy %.3f"), ("code_perplexity", "code ppl %.1f"))
+    HEADLINE = (("loss", "loss %.3f bits"), ("accuracy", "accuracy %.3f"), ("code_perplexity", "code ppl %.1f"),
+                ("probe_accuracy", "probe accuracy %.3f"))
     PROGRESS = (("loss", "loss", "{:.3f}"), ("accuracy", "acc", "{:.3f}"), ("code_perplexity", "ppl", "{:.1f}"))
 
     def __init__(self, cfg: PretrainConfig):
         super().__init__(cfg)
         self.health = CodebookHealth()
+        self.probe: LinearProbe | None = None
 
     def bind(self, trainer) -> None:
         super().bind(trainer)
@@ -189,3 +194,38 @@ class PretrainingTask(Task):
 
     def check_health(self, record: dict[str, Any]) -> None:
         self.health.check_health(self.trainer.num_updates, record, self.trainer.model_cfg.num_codevectors)
+
+    # ------------------------------------------------------------------ the linear probe (probe.*)
+    def output_ready(self) -> None:
+        """Read and check the probe set (``probe.manifest``), before the first update."""
+        super().output_ready()
+        if not self.cfg.probe.manifest:
+            return
+        t, probe = self.trainer, self.cfg.probe
+        if not self.cfg.data.valid_manifest:
+            raise ValueError("probe.manifest is set but data.valid_manifest is not: the probe runs at validation")
+        model_cfg = t.model_cfg
+        self.probe = LinearProbe(
+            probe.manifest, probe.valid_manifest, labels=probe.labels,
+            layer=probe_layer(probe.layer, model_cfg.encoder_layers), steps=probe.steps, lr=probe.lr,
+            max_samples=int(probe.max_seconds * self.cfg.data.sample_rate),
+            min_samples=receptive_field(model_cfg.conv_layers), sample_rate=self.cfg.data.sample_rate,
+            normalize=model_cfg.normalize if self.cfg.data.normalize is None else self.cfg.data.normalize,
+            seed=self.cfg.seed, skip_bad=self.cfg.data.skip_bad,
+        )
+        # FSDP: the probe calls extract_features, not forward; the root group's parameters must be gathered for it
+        register_fsdp_forward_method(t.model, "extract_features")  # (nothing without FSDP)
+        if t.is_main:
+            logger.info("probe: layer %d of %d, %d train / %d held-out clips, %d classes", self.probe.layer,
+                        model_cfg.encoder_layers, len(self.probe.train.labels), len(self.probe.valid.labels),
+                        len(self.probe.classes))
+
+    def validation_extras(self) -> dict[str, float]:
+        """The probe's accuracies. Every rank computes them on the whole (small) probe set, the same forwards: under
+        FSDP each layer's forward all-gathers its parameters with every rank, and under DDP the others would only
+        wait for rank 0 at the next collective; the decisions taken from the record (``best_metric``) come from
+        rank 0's numbers (broadcast)."""
+        if self.probe is None:
+            return {}
+        t = self.trainer
+        return self.probe.evaluate(t.model, self.cfg.data, t.device, t.autocast_dtype)
