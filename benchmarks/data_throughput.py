@@ -258,7 +258,8 @@ def write_results(section: str, key: str) -> None:
     block = f"{mark_begin}\n{section.rstrip()}\n{mark_end}\n"
     if mark_begin in text and mark_end in text:
         head, rest = text.split(mark_begin, 1)
-        text = head + block + rest.split(mark_end, 1)[1].lstrip("\n")
+        tail = rest.split(mark_end, 1)[1]
+        text = head + block + (tail[1:] if tail.startswith("\n") else tail)  # what followed, blank lines kept
     else:
         text = text.rstrip("\n") + "\n\n" + block
     path.write_text(text, encoding="utf-8")
