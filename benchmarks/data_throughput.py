@@ -9,13 +9,17 @@ made it, else ``tests/fixtures/speech``), repeated to ``--minutes`` of audio, an
 XLS-R's pretraining data settings, for one epoch, with ``num_workers`` 0 (the main process does the work) and 1 (one
 worker process). "Audio s/s" counts the audio of the batches handed out (after cropping): what the GPU trains on.
 
-Sources (``SOURCES``: name -> factory; add one there, e.g. Lhotse Shar): ``manifest-flac`` (a manifest of 16 kHz FLAC
-files), ``manifest-flac-48k`` (the same at 48 kHz, resampled to 16 kHz while loading), ``hf-bytes`` (a Hugging Face
-dataset with the FLAC bytes embedded, ``save_to_disk``). A factory takes ``(folder, files, options)`` and returns a
-function ``loader(num_workers) -> iterable of batches``.
+Sources (``SOURCES``: name -> factory): ``manifest-flac`` (a manifest of 16 kHz FLAC files), ``manifest-flac-48k``
+(the same at 48 kHz, resampled to 16 kHz while loading), ``hf-bytes`` (a Hugging Face dataset with the FLAC bytes
+embedded, ``save_to_disk``), ``shar`` (Lhotse Shar shards of the 16 kHz FLAC manifest, written by
+``xlsr.manifest.write_shar``, the code of ``python -m xlsr.manifest train.tsv --to-shar DIR``, and streamed by
+``xlsr.data.lhotse_source.pretraining_shar_loader``). A factory takes ``(folder, files, minutes)`` and returns a
+function ``loader(num_workers) -> iterable of batches``. For ``shar``, ``num_workers`` is the number of decoding
+threads of the stream (0: the main thread decodes, as a DataLoader with 0 workers; 1: one thread decodes while the
+main thread reads the tars); their CPU time is in the process's own, which the measurement counts.
 
 The GPU's need: XLS-R 300M training at 45 % model FLOPs utilisation of an H100's dense bf16 peak (989.4 TFLOP/s,
-``mfu.PEAK_BF16_TFLOPS``), FLOPs per audio second from ``flops.workload_flops`` (15 s crops, the span mask of the
+``xlsr.flops.PEAK_BF16_TFLOPS``), FLOPs per audio second from ``xlsr.flops.workload_flops`` (15 s crops, the span mask of the
 preset); workers per GPU = ceil(need / per-worker throughput). ``--write`` (default) puts the table into
 benchmarks/RESULTS.md, between markers, replacing an earlier one.
 """
@@ -41,10 +45,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from flops import conv_stack_flops, workload_flops  # noqa: E402
 from machine import machine_description  # noqa: E402
 
-H100_BF16_TFLOPS = 989.4  # dense bf16 peak, as mfu.PEAK_BF16_TFLOPS["H100"]
+from xlsr.flops import conv_stack_flops, peak_bf16_tflops, workload_flops  # noqa: E402
+
+H100_BF16_TFLOPS = peak_bf16_tflops("H100")  # dense bf16 peak (989.4)
 TARGET_MFU = 0.45
 MARKS = "<!-- data_throughput{}: begin -->", "<!-- data_throughput{}: end -->"  # one section per utterance length
 
@@ -155,11 +160,33 @@ def hf_bytes_source(folder: Path, files: list[str], minutes: float) -> Callable:
     return loader
 
 
+SHAR_SHARD_SIZE = 1000  # cuts per shard: the default of ``python -m xlsr.manifest ... --to-shar``
+
+
+def shar_source(folder: Path, files: list[str], minutes: float) -> Callable:
+    from xlsr.data.lhotse_source import pretraining_shar_loader
+    from xlsr.manifest import write_manifest, write_shar
+
+    write_flac_copies(files, folder / "shar_flac", minutes, 16000)
+    write_manifest(folder / "shar_flac", folder / "manifest", valid_percent=0.0, progress=False)
+    write_shar(folder / "manifest" / "train.tsv", folder / "shar", shard_size=SHAR_SHARD_SIZE, progress=False)
+    shutil.rmtree(folder / "shar_flac")
+
+    def loader(workers: int):
+        cfg = data_config(workers, False)  # the same settings as the other sources; workers = decoding threads
+        return pretraining_shar_loader(str(folder / "shar"), max_tokens=cfg.max_tokens,
+                                       max_sample_size=cfg.max_sample_size, min_sample_size=cfg.min_sample_size,
+                                       sample_rate=cfg.sample_rate, resample=cfg.resample, normalize=True,
+                                       pad=cfg.pad, num_workers=cfg.num_workers,
+                                       buffer_size=cfg.lhotse_shuffle_buffer, seed=0, epoch=1)
+    return loader
+
+
 SOURCES: dict[str, Callable] = {
     "manifest-flac": manifest_source(16000),
     "manifest-flac-48k": manifest_source(48000),
     "hf-bytes": hf_bytes_source,
-    # "lhotse-shar": a factory (folder, files, minutes) -> loader(num_workers), added with the Lhotse source
+    "shar": shar_source,
 }
 
 
@@ -231,7 +258,8 @@ def write_results(section: str, key: str) -> None:
     block = f"{mark_begin}\n{section.rstrip()}\n{mark_end}\n"
     if mark_begin in text and mark_end in text:
         head, rest = text.split(mark_begin, 1)
-        text = head + block + rest.split(mark_end, 1)[1].lstrip("\n")
+        tail = rest.split(mark_end, 1)[1]
+        text = head + block + (tail[1:] if tail.startswith("\n") else tail)  # what followed, blank lines kept
     else:
         text = text.rstrip("\n") + "\n\n" + block
     path.write_text(text, encoding="utf-8")
@@ -299,7 +327,7 @@ def main(argv=None) -> int:
             "machine's 1-minute load average after the row's median run (2 CPUs: above 2, others were waiting).",
             f"Need per GPU: XLS-R 300M train step at {need['mfu']:.0%} MFU of an H100's {need['peak_tflops']} bf16 "
             f"TFLOP/s = {need['audio_s_per_s']:.0f} audio s/s ({need['gflop_per_audio_s']:.0f} GFLOP per audio s, "
-            f"benchmarks/flops.py, {need['crop_s']:.0f} s crops, {need['masked_fraction']:.0%} of frames masked).",
+            f"xlsr/flops.py, {need['crop_s']:.0f} s crops, {need['masked_fraction']:.0%} of frames masked).",
             "", *lines, ""])
         write_results(section, f" utterances>={args.utterance_seconds:g}s" if args.utterance_seconds else "")
         print(f"written to {HERE / 'RESULTS.md'}")
