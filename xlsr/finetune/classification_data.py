@@ -48,8 +48,8 @@ class ClassificationDataConfig(AudioDataConfig):
 
     max_sample_size: Optional[int] = 160000
     """Training utterances longer than this many samples are cropped to a random window of it (10 s at 16 kHz, as
-    fairseq's XLS-R language-ID run); validation always scores whole utterances. None = no crop. fairseq
-    ``task.max_sample_size``."""
+    fairseq's XLS-R language-ID run), or of ``max_tokens`` when that is smaller (None: of ``max_tokens``);
+    validation always scores whole utterances. fairseq ``task.max_sample_size``."""
 
     max_tokens: int = 1_280_000
     """Padded samples per batch (items * longest item, after the crop). fairseq ``dataset.max_tokens``."""
@@ -61,9 +61,9 @@ def check_classification_data_config(cfg: ClassificationDataConfig) -> None:
         raise ValueError(f"data.labels must be a file extension such as 'lang', got {cfg.labels!r}")
     if cfg.max_tokens <= 0:
         raise ValueError("data.max_tokens must be > 0")
-    if cfg.max_sample_size is not None and not max(1, cfg.min_sample_size) <= cfg.max_sample_size <= cfg.max_tokens:
-        raise ValueError(f"data.max_sample_size ({cfg.max_sample_size}) must be >= 1, >= min_sample_size "
-                         f"({cfg.min_sample_size}) and <= max_tokens ({cfg.max_tokens})")
+    if cfg.max_sample_size is not None and cfg.max_sample_size < max(1, cfg.min_sample_size):
+        raise ValueError(f"data.max_sample_size ({cfg.max_sample_size}) must be >= 1 and >= min_sample_size "
+                         f"({cfg.min_sample_size})")
     if cfg.sampling_alpha <= 0 or cfg.sample_rate <= 0 or cfg.required_batch_size_multiple < 1:
         raise ValueError("data: sampling_alpha and sample_rate must be > 0, required_batch_size_multiple >= 1")
 
@@ -231,13 +231,15 @@ def build_classification_loader(cfg: ClassificationDataConfig, manifest: str, la
                                 shuffle: bool = True, dictionary_file: str = "the label dictionary") -> BatchLoader:
     """A loader of one rank's classification batches of ``manifest`` (comma-separated = several corpora).
 
-    ``shuffle`` (training): random crops to ``cfg.max_sample_size`` and corpus resampling; otherwise (validation)
-    whole utterances in a fixed order. ``normalize`` is the model's choice, unless ``cfg.normalize`` is set."""
+    ``shuffle`` (training): random crops to ``cfg.max_sample_size`` (or ``cfg.max_tokens`` when smaller, so that
+    an item fits a batch) and corpus resampling; otherwise (validation) whole utterances in a fixed order (one
+    longer than ``cfg.max_tokens`` is an error naming its size). ``normalize`` is the model's choice, unless ``cfg.normalize`` is set."""
     check_classification_data_config(cfg)
     dataset = ClassifiedAudioDataset(
         manifest, label_names, labels=cfg.labels, dictionary_file=dictionary_file,
         sample_rate=cfg.sample_rate, min_sample_size=cfg.min_sample_size,
-        max_sample_size=cfg.max_sample_size if shuffle else None,
+        max_sample_size=(cfg.max_tokens if cfg.max_sample_size is None else min(cfg.max_sample_size, cfg.max_tokens))
+        if shuffle else None,
         normalize=normalize if cfg.normalize is None else cfg.normalize,
         sampling_alpha=cfg.sampling_alpha if shuffle else 1.0, skip_bad=cfg.skip_bad, resample=cfg.resample,
         check_headers=not cfg.skip_bad or cfg.resample, seed=seed, epoch=epoch,
