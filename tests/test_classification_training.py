@@ -82,7 +82,6 @@ def test_the_task_key_picks_the_config():
         compose_config(["task=speaker", *base])
 
 
-@pytest.mark.slow
 def test_language_id_learns_on_held_out_files(lid, tmp_path):
     """5 languages, 3 training files each (random 1 s crops); the held-out 4th file of each language is classified
     above chance (0.2). A random tiny encoder learns little that carries over to new files of the same speaker:
@@ -177,7 +176,6 @@ def test_a_missing_label_file_is_a_one_line_error_of_the_command(lid, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.slow
 def test_two_processes_sum_the_validation_counts(lid, tmp_path):
     """2 gloo ranks == 1 process with update_freq=2: the same training losses, and the same validation (5
     held-out files over 2 ranks: one rank scores 3, the other 2, and the confusion matrix sums them)."""
