@@ -198,3 +198,31 @@ def test_two_processes_sum_the_validation_counts(lid, tmp_path):
     assert valid_two["confusion_matrix"] == valid_single["confusion_matrix"]
     assert valid_two["loss"] == pytest.approx(valid_single["loss"], rel=1e-5)
     assert valid_two["accuracy"] == valid_single["accuracy"] and valid_two["macro_f1"] == valid_single["macro_f1"]
+
+
+def test_balanced_class_weighting(lid, tmp_path):
+    """``class_weighting=balanced`` on balanced labels changes nothing (every weight 1: the same losses as
+    ``none``); on imbalanced labels a class's weight is inversely proportional to its training utterances (1 for a class
+    without any), and the training loss changes."""
+    train, _, _ = lid
+    common = ("optim.max_update=2", "data.max_sample_size=16000", "data.max_tokens=50000", "optim.lr=1e-3")
+    plain = run(compose_config(overrides(lid, tmp_path / "none", *common)))
+    balanced = run(compose_config(overrides(lid, tmp_path / "balanced", *common, "class_weighting=balanced")))
+    assert torch.equal(balanced.task.class_weights, torch.ones(5))
+    assert [r["loss"] for r in records(tmp_path / "none", "train")] == \
+        [r["loss"] for r in records(tmp_path / "balanced", "train")]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.tsv").write_text(train.read_text())
+    labels = train.with_suffix(".lang").read_text().splitlines()
+    labels[3:6] = ["en"] * 3  # en: 6 files, es: none, the others 3
+    (data / "train.lang").write_text("\n".join(labels) + "\n")
+    (data / "dict.lang.txt").write_text("en 6\nes 0\nfr 3\nit 3\nru 3\n")
+    skewed = [f"data.manifest={data / 'train.tsv'}"]
+    runs = {weighting: run(compose_config(overrides(lid, tmp_path / f"skewed_{weighting}", *common, *skewed,
+                                                    f"class_weighting={weighting}")))
+            for weighting in ("none", "balanced")}
+    weights = runs["balanced"].task.class_weights
+    assert weights[0] * 6 == pytest.approx(weights[2] * 3) and weights[1] == 1.0  # es: no training file
+    first = {w: records(tmp_path / f"skewed_{w}", "train")[0]["loss"] for w in runs}
+    assert first["none"] != first["balanced"]
