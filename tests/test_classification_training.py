@@ -176,23 +176,29 @@ def test_a_missing_label_file_is_a_one_line_error_of_the_command(lid, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_two_processes_sum_the_validation_counts(lid, tmp_path):
-    """2 gloo ranks == 1 process with update_freq=2: the same training losses, and the same validation (5
-    held-out files over 2 ranks: one rank scores 3, the other 2, and the confusion matrix sums them)."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_sum_the_validation_counts(lid, tmp_path, strategy):
+    """2 gloo ranks (DDP, or FSDP: sharded) == 1 process with update_freq=2: the same training losses, and the same
+    validation (5 held-out files over 2 ranks: one rank scores 3, the other 2, and the confusion matrix sums
+    them)."""
     _, valid, _ = lid
     common = ("optim.max_update=3", "checkpoint.save_interval_updates=3", "distributed.backend=gloo", "device=cpu",
               "data.max_sample_size=16000", f"data.valid_manifest={valid}",
               "data.max_tokens=40000", "validate_interval_updates=3", "optim.lr=1e-3")
     run(compose_config(overrides(lid, tmp_path / "single", *common, "optim.update_freq=2")))
     two = tmp_path / "two"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29561", "-m",
-           "xlsr.finetune", *overrides(lid, two, *common, "optim.update_freq=1")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={29561 + (strategy == 'fsdp')}", "-m", "xlsr.finetune",
+           *overrides(lid, two, *common, "optim.update_freq=1", f"distributed.strategy={strategy}")]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     train_single, train_two = records(tmp_path / "single", "train"), records(two, "train")
     assert [r["update"] for r in train_single] == [r["update"] for r in train_two] == [1, 2, 3]
     for x, y in zip(train_single, train_two):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5), (x["update"], x["loss"], y["loss"])
+    load = lambda out: xlsr.Wav2Vec2ForSequenceClassification.from_pretrained(out / "model").state_dict()  # noqa: E731
+    a, b = load(tmp_path / "single"), load(two)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
     (valid_single,), (valid_two,) = records(tmp_path / "single", "valid"), records(two, "valid")
     assert valid_two["sample_size"] == 5
     assert valid_two["confusion_matrix"] == valid_single["confusion_matrix"]
