@@ -130,7 +130,7 @@ def test_resume_reproduces_the_uninterrupted_run(lid, tmp_path):
     assert [hf.config.id2label[i] for i in range(5)] == ["en", "es", "fr", "it", "ru"]
 
 
-def test_a_new_head_continues_from_a_classification_model_keeping_its_labels(lid, tmp_path):
+def test_a_classification_init_from_keeps_its_head_and_labels(lid, tmp_path):
     """A classification ``init_from`` keeps its head and label order even when dict.lang.txt beside the manifest
     lists the classes in another order (with a warning)."""
     train, _, _ = lid
@@ -232,3 +232,15 @@ def test_balanced_class_weighting(lid, tmp_path):
     assert weights[0] * 6 == pytest.approx(weights[2] * 3) and weights[1] == 1.0  # es: no training file
     first = {w: records(tmp_path / f"skewed_{w}", "train")[0]["loss"] for w in runs}
     assert first["none"] != first["balanced"]
+
+
+def test_help_shows_the_config_of_the_chosen_task():
+    """``--help`` works for both tasks and shows the chosen task's keys and defaults."""
+    shown = {}
+    for task in ("ctc", "classification"):
+        result = subprocess.run([sys.executable, "-m", "xlsr.finetune", f"task={task}", "--help"], cwd=REPO,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr[-2000:]
+        shown[task] = result.stdout
+    assert "class_weighting: none" in shown["classification"] and "task: classification" in shown["classification"]
+    assert "class_weighting" not in shown["ctc"] and "task: ctc" in shown["ctc"]
