@@ -15,11 +15,13 @@ from xlsr.pretrain.config import OptimConfig
 from xlsr.training.run_config import RunConfig, RunOptimConfig
 from xlsr.data.audio_dataset import AudioDataConfig, DataConfig
 from xlsr.finetune.data import FinetuneDataConfig
+from xlsr.finetune.classification_data import ClassificationDataConfig
+from xlsr.finetune.config import ClassificationFineTuneConfig, ClassificationOptimConfig
 
 RUN_FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
 
 
-@pytest.mark.parametrize("config", [PretrainConfig, FineTuneConfig])
+@pytest.mark.parametrize("config", [PretrainConfig, FineTuneConfig, ClassificationFineTuneConfig])
 def test_a_task_config_declares_only_its_own_sections(config):
     assert issubclass(config, RunConfig)
     redeclared = set(config.__dict__.get("__annotations__", {})) & RUN_FIELDS
@@ -32,7 +34,9 @@ def test_the_tasks_share_no_field_outside_the_run_fields_but_their_sections():
 
 
 @pytest.mark.parametrize("optim, schedule", [(OptimConfig, {"warmup_updates", "end_lr", "power"}),
-                                             (FineTuneOptimConfig, {"phase_ratio", "init_lr_scale", "final_lr_scale"})])
+                                             (FineTuneOptimConfig, {"phase_ratio", "init_lr_scale", "final_lr_scale"}),
+                                             (ClassificationOptimConfig, {"phase_ratio", "init_lr_scale",
+                                                                          "final_lr_scale"})])
 def test_a_task_optim_section_adds_only_its_schedule(optim, schedule):
     """The common optim fields are declared once (a task redeclares some only for its recipe's defaults)."""
     assert issubclass(optim, RunOptimConfig)
@@ -56,7 +60,8 @@ def test_model_layerdrop_is_the_old_name_of_encoder_layerdrop():
 
 @pytest.mark.parametrize("data, own", [(DataConfig, {"max_sample_size", "pad"}),
                                        (FinetuneDataConfig, {"labels", "max_sample_size", "unk", "skip_empty",
-                                                             "drop_infeasible", "text_column", "text_keep_case"})])
+                                                             "drop_infeasible", "text_column", "text_keep_case"}),
+                                       (ClassificationDataConfig, {"labels", "max_sample_size"})])
 def test_a_task_data_section_adds_only_its_own_fields(data, own):
     """The common data fields are declared once (a task redeclares some only for its recipe's defaults)."""
     assert issubclass(data, AudioDataConfig)

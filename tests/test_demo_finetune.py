@@ -147,9 +147,12 @@ def test_command_line_runs_both_steps_or_only_pretraining(tmp_path, monkeypatch)
                         lambda corpus, out, minutes, overrides: (calls.append(("pretrain", minutes)), tmp_path / "m")[1])
     monkeypatch.setattr(demo_main, "finetune_and_report",
                         lambda data, init, out, minutes: calls.append(("finetune", data, init, out, minutes)))
-    assert demo_main.main(["--minutes", "2", "--finetune-minutes", "0.5", "--output-dir", str(tmp_path / "o")]) == 0
+    monkeypatch.setattr(demo_main, "lid_and_report",
+                        lambda corpus, init, out, minutes: calls.append(("lid", corpus, init, out, minutes)))
+    assert demo_main.main(["--minutes", "2", "--finetune-minutes", "0.5", "--output-dir", str(tmp_path / "o"),
+                           "--lid-minutes", "0.25"]) == 0
     assert calls == ["asr", ("pretrain", 2.0), ("finetune", tmp_path / "asr", tmp_path / "m", tmp_path / "o" / "finetune",
-                                                0.5)]
+                                                0.5), ("lid", tmp_path, tmp_path / "m", tmp_path / "o" / "lid", 0.25)]
     calls.clear()
-    assert demo_main.main(["--minutes", "2", "--no-finetune"]) == 0
+    assert demo_main.main(["--minutes", "2", "--no-finetune", "--no-lid"]) == 0
     assert calls == [("pretrain", 2.0)]

@@ -37,8 +37,7 @@ README_MAX_LINES = 150
 
 # Modules and pages the docs name that parallel work adds; skipped (not failed) while they are not here.
 LANDING: set[str] = set()
-LANDING_PAGES = {"docs/classification.md", "docs/classify-and-features.md", "docs/probing.md", "docs/data.md",
-                 "docs/data-lhotse.md", "docs/doctor.md"}
+LANDING_PAGES: set[str] = set()
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 _FENCE = re.compile(r"^```(\w*)\s*$")
@@ -252,9 +251,8 @@ def test_documented_commands_parse(module, monkeypatch):
 
     compose = _trainer_composer(module)
     if compose is not None:
-        # its entry point is a hydra app (what answers --help); composing the config is what hydra parses
-        entry = importlib.import_module(module + ".__main__").main
-        assert hasattr(entry, "__wrapped__"), f"{module}.__main__.main is not a hydra.main app"
+        # its entry point hands the command line to hydra (its --help: tests/test_classification_training.py);
+        # composing the config with the documented overrides is what hydra parses
         for where, args in uses:
             overrides = _hydra_overrides(args)
             try:

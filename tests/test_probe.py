@@ -12,7 +12,8 @@ import torch
 from test_pretrain import SPEECH, SPEECH_BATCHING, overrides, read_metrics, run_in_process  # noqa: F401
 from xlsr.manifest import read_manifest, write_manifest
 from xlsr.pretrain.config import compose_config
-from xlsr.probe import extract_pooled_features, fit_linear_probe, probe_layer, read_class_labels
+from xlsr.finetune.classification_data import read_class_labels
+from xlsr.probe import extract_pooled_features, fit_linear_probe, probe_layer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -176,7 +177,7 @@ def test_bad_label_file_is_named_before_training(speech_manifest, probe_set, tmp
         expected = f"{bad / 'train.lang'} has 13 line(s) but its manifest {bad / 'train.tsv'} has 15 row(s)"
     elif damage == "missing":
         (bad / "valid.lang").unlink()
-        expected = f"{bad / 'valid.lang'}: no label file beside the manifest {bad / 'valid.tsv'}"
+        expected = f"{bad / 'valid.lang'}: no such label file (one lang label per row of {bad / 'valid.tsv'}"
     else:
         (bad / "valid.lang").write_text((bad / "valid.lang").read_text().replace("ru", "cs"))
         expected = f"{bad / 'valid.lang'}: label(s) ['cs'] do not occur in the train part"

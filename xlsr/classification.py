@@ -18,6 +18,7 @@ The valid frames of each utterance are the first ``output_lengths(valid samples)
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,33 +80,52 @@ class Wav2Vec2ForSequenceClassification(nn.Module):
             self.layer_weights = nn.Parameter(torch.full((num_hidden_states,), 1.0 / num_hidden_states))
         self.projector = nn.Linear(cfg.encoder.encoder_embed_dim, cfg.classifier_proj_size)
         self.classifier = nn.Linear(cfg.classifier_proj_size, cfg.num_labels)
+        self.num_updates = 0
 
     @property
     def label2id(self) -> dict[str, int]:
         return {label: index for index, label in enumerate(self.labels)}
 
+    # ------------------------------------------------------------------ training schedule
+    def set_num_updates(self, num_updates: int) -> None:
+        """Record the optimizer update count (call once per update): decides ``encoder_frozen``."""
+        self.num_updates = int(num_updates)
+
+    @property
+    def encoder_frozen(self) -> bool:
+        """True while ``num_updates < cfg.freeze_finetune_updates``: the encoder then runs under no_grad."""
+        return self.num_updates < self.cfg.freeze_finetune_updates
+
     # ------------------------------------------------------------------ forward
-    def hidden_states(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None
-                      ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    def hidden_states(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                      layer_keep: list[bool] | None = None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """transformers 5's ``hidden_states``: [the first layer's input, each layer's output], none of them after
         the final LayerNorm of pre-LN models. Returns (L + 1) x (B, T, D) and the frame padding mask (B, T) or None."""
-        return self.wav2vec2.hidden_states(source, padding_mask, masked=self.training and self.cfg.apply_mask)
+        with torch.no_grad() if self.encoder_frozen else contextlib.nullcontext():
+            return self.wav2vec2.hidden_states(source, padding_mask, masked=self.training and self.cfg.apply_mask,
+                                               layer_keep=layer_keep)
 
-    def _features(self, source: torch.Tensor, padding_mask: torch.Tensor | None):
+    def _features(self, source: torch.Tensor, padding_mask: torch.Tensor | None, layer_keep: list[bool] | None):
         encoder = self.wav2vec2
-        if self.training and self.cfg.apply_mask:
-            return encoder.extract_features_masked(source, padding_mask)
-        return encoder.extract_features(source, padding_mask)
+        with torch.no_grad() if self.encoder_frozen else contextlib.nullcontext():
+            if self.training and self.cfg.apply_mask:
+                return encoder.extract_features_masked(source, padding_mask, layer_keep=layer_keep)
+            return encoder.extract_features(source, padding_mask, layer_keep=layer_keep)
 
-    def forward(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None) -> ClassificationOutput:
+    def forward(self, source: torch.Tensor, padding_mask: torch.Tensor | None = None,
+                layer_keep: list[bool] | None = None) -> ClassificationOutput:
         """source (B, S) 16 kHz (normalised if ``cfg.encoder.normalize``); padding_mask (B, S) bool, True = pad
-        (HF's ``attention_mask`` is its negation). Returns ``ClassificationOutput`` with logits (B, num_labels)."""
+        (HF's ``attention_mask`` is its negation). Returns ``ClassificationOutput`` with logits (B, num_labels).
+
+        layer_keep: the LayerDrop decisions, one per layer (the training engine draws them once per update);
+        default: drawn by the encoder on each training forward. While ``encoder_frozen`` the encoder runs under
+        no_grad (only the head trains)."""
         if self.cfg.use_weighted_layer_sum:
-            states, frame_padding = self.hidden_states(source, padding_mask)
+            states, frame_padding = self.hidden_states(source, padding_mask, layer_keep)
             weights = F.softmax(self.layer_weights, dim=-1)
             x = (torch.stack(states, dim=0) * weights.view(-1, 1, 1, 1)).sum(dim=0)
         else:
-            feats = self._features(source, padding_mask)
+            feats = self._features(source, padding_mask, layer_keep)
             x, frame_padding = feats.x, feats.padding_mask
         pooled = _ACTIVATIONS[self.cfg.pooling_activation](masked_mean(self.projector(x), frame_padding))
         return ClassificationOutput(self.classifier(pooled), pooled, frame_padding)

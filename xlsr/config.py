@@ -525,6 +525,10 @@ class ClassificationConfig(HeadConfig):
     apply_mask: bool = False
     """Apply the encoder's time / channel masks in training (HF ``apply_spec_augment``; fairseq ``apply_mask``)."""
 
+    freeze_finetune_updates: int = 0
+    """Training updates during which the encoder runs under no_grad and only the head trains (fairseq's
+    Wav2VecEncoder ``freeze_finetune_updates``; advance with ``set_num_updates``)."""
+
     def __post_init__(self) -> None:
         if isinstance(self.encoder, dict):
             self.encoder = Wav2Vec2Config.from_dict(self.encoder)

@@ -199,6 +199,7 @@ class Wav2Vec2Model(nn.Module):
         *,
         last: int | None = None,
         masked: bool = False,
+        layer_keep: list[bool] | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """transformers 5's ``output_hidden_states``: [the first layer's input, each layer's output], so that
         ``states[L]`` is the output of transformer layer L (1-based) and ``states[0]`` the input of the first (after
@@ -207,6 +208,7 @@ class Wav2Vec2Model(nn.Module):
         Args:
             last: compute only ``states[0..last]`` (the layers after it are not run); None: all.
             masked: through ``extract_features_masked`` (fine-tuning's masks), not ``extract_features``.
+            layer_keep: LayerDrop decisions, one per layer (a skipped layer is an error: every state is needed).
 
         Returns:
             (last + 1) x (B, T, D) (L + 1 without ``last``) and the frame padding mask (B, T) or None.
@@ -219,10 +221,10 @@ class Wav2Vec2Model(nn.Module):
         hook = self.encoder.dropout.register_forward_hook(lambda _m, _i, out: captured.append(out))
         try:
             if masked:
-                feats = self.extract_features_masked(source, padding_mask)
+                feats = self.extract_features_masked(source, padding_mask, layer_keep=layer_keep)
             else:  # stop after layer ``last`` (0-based index last - 1; state 0 runs the first layer, no earlier stop)
                 stop = None if last is None or last == num_layers else max(last - 1, 0)
-                feats = self.extract_features(source, padding_mask, layer=stop)
+                feats = self.extract_features(source, padding_mask, layer=stop, layer_keep=layer_keep)
         finally:
             hook.remove()
         wanted = num_layers if last is None else last

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from typing import Any
 
@@ -27,44 +26,13 @@ import torch.nn.functional as F
 
 from xlsr.classification import masked_mean
 from xlsr.data.audio_dataset import AudioDataConfig, AudioDataset, batched_loader
+from xlsr.finetune.classification_data import read_class_labels
 from xlsr.finetune.labels import label_path
-from xlsr.manifest import read_manifest
-from xlsr.text import read_text_lines
-from xlsr.vocabulary import LabelError
 
-__all__ = ["read_class_labels", "probe_layer", "ProbeSplit", "LinearProbe", "LinearProbeFit", "fit_linear_probe",
+__all__ = ["probe_layer", "ProbeSplit", "LinearProbe", "LinearProbeFit", "fit_linear_probe",
            "extract_pooled_features"]
 
 logger = logging.getLogger(__name__)
-
-
-def read_class_labels(manifest_path: str | os.PathLike, labels: str = "lang") -> list[str]:
-    """One class label per row of a manifest, from the label file beside it (``train.tsv`` -> ``train.lang``, one
-    label a line, fairseq's ``audio_classification`` layout), in Unicode NFC, surrounding blanks stripped.
-
-    Raises:
-        FileNotFoundError: no label file (its path named).
-        ValueError: the label file and the manifest have different line counts (both files and counts named).
-        LabelError: an empty label (file and line named), or text that is not UTF-8.
-    """
-    manifest_path = os.fspath(manifest_path)
-    path = label_path(manifest_path, labels)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no label file beside the manifest {manifest_path} (one '{labels}' label "
-                                "per manifest row expected)")
-    try:
-        lines = read_text_lines(path)
-    except UnicodeDecodeError as err:
-        raise LabelError(f"{path}: not UTF-8 text ({err})") from None
-    num_rows = len(read_manifest(manifest_path)[1])
-    if len(lines) != num_rows:
-        raise ValueError(f"{path} has {len(lines)} line(s) but its manifest {manifest_path} has {num_rows} row(s); "
-                         "the label file needs one label per manifest row, in the same order")
-    out = [line.strip() for line in lines]
-    for number, label in enumerate(out, start=1):
-        if not label:
-            raise LabelError(f"{path}:{number}: empty label")
-    return out
 
 
 def probe_layer(layer: int | None, num_layers: int) -> int:

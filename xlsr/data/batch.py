@@ -1,7 +1,7 @@
 """Typed batches, built by the data layer's collaters and read by the engine and the tasks by attribute.
 
 :class:`AudioBatch` is what every task trains on (pretraining needs nothing more: its masks and negatives are drawn
-by the model); a task with targets adds them in a subclass (:class:`CTCBatch`).
+by the model); a task with targets adds them in a subclass (:class:`CTCBatch`, :class:`ClassificationBatch`).
 """
 
 from __future__ import annotations
@@ -64,3 +64,14 @@ class CTCBatch(AudioBatch):
 
     target: torch.Tensor
     target_lengths: torch.Tensor
+
+
+@dataclass(kw_only=True)
+class ClassificationBatch(AudioBatch):
+    """A batch of waveforms and their classes.
+
+    Args:
+        target: (B,) int64 class indices.
+    """
+
+    target: torch.Tensor

@@ -20,6 +20,7 @@ from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from xlsr.finetune.classification_data import ClassificationDataConfig
 from xlsr.finetune.data import FinetuneDataConfig
 from xlsr.training.run_config import CheckpointConfig, RunConfig, RunOptimConfig, compose_app_config
 
@@ -119,14 +120,123 @@ class FineTuneConfig(RunConfig):
     """Where config.yaml, metrics.jsonl, checkpoints/ and model/ go."""
     valid_examples: int = 3
     """Reference / hypothesis pairs printed at each validation."""
+    task: str = "ctc"
+    """Which fine-tuning: ``ctc`` (this config) or ``classification`` (:class:`ClassificationFineTuneConfig`);
+    chosen on the command line (``task=classification``) before the rest is read."""
+
+    def __post_init__(self) -> None:
+        if self.task != "ctc":
+            raise ValueError(f"task={self.task!r}: this is the CTC config; task must be one of {sorted(TASKS)}")
+
+
+@dataclass
+class ClassificationModelConfig(FineTuneModelConfig):
+    """The fine-tuning settings of :class:`FineTuneModelConfig` with the classification head's: pooling and the
+    defaults of fairseq's XLS-R language-ID fine-tuning (``mask_prob`` 0.5; see
+    :class:`ClassificationFineTuneConfig`). ``init_from``: any checkpoint ``Wav2Vec2ForSequenceClassification.
+    from_pretrained`` reads: a pretrained or CTC one gets a new head for the labels; a classification one keeps
+    its head and labels (see ``label_dictionary``). ``final_dropout`` has no place in this head (must stay 0)."""
+
+    mask_prob: float = 0.5
+    mask_channel_prob: float = 0.0
+    freeze_finetune_updates: int = 0
+    pooling_activation: str = "identity"
+    """After the mean over frames: ``identity`` (Hugging Face's head, exportable with ``--to hf``) or fairseq's
+    ``activation_fn`` (``gelu``, ``relu``, ``tanh``). A classification ``init_from`` keeps its own unless set here."""
+    classifier_proj_size: int = 256
+    """Width of the per-frame projector before pooling (HF ``classifier_proj_size``). New heads only."""
+    use_weighted_layer_sum: bool = False
+    """Pool a learned softmax-weighted sum of every layer's output (HF ``use_weighted_layer_sum``). New heads only."""
+
+
+@dataclass
+class ClassificationOptimConfig(FineTuneOptimConfig):
+    """The tri-stage AdamW of :class:`FineTuneOptimConfig` at the language-ID run's peak ``lr`` of 1e-4."""
+
+    lr: float = 1e-4
+
+
+def _classification_data() -> ClassificationDataConfig:
+    return ClassificationDataConfig()
+
+
+def _classification_checkpoint() -> CheckpointConfig:
+    return CheckpointConfig(best_metric="accuracy", maximize_best_metric=True)
+
+
+@dataclass
+class ClassificationFineTuneConfig(RunConfig):
+    """Everything ``python -m xlsr.finetune task=classification`` takes: utterance classification (language ID,
+    speaker, emotion) of a ``Wav2Vec2ForSequenceClassification``, fairseq's ``audio_classification`` task with
+    the ``wav2vec_classification`` model and cross-entropy.
+
+    fairseq's (its XLS-R language-ID fine-tuning): mean pooling over the valid frames, peak lr 1e-4 with the
+    tri-stage schedule, ``mask_prob`` 0.5, training crops of at most 10 s (``data.max_sample_size``), the best model
+    by validation accuracy. Not fairseq's: the head's activation after the pooling is ``identity`` (Hugging Face's
+    head; fairseq applies ``activation_fn``, gelu by default: ``model.pooling_activation=gelu``); the other encoder
+    settings, the schedule's phases, the batch size and the 20k updates are this package's CTC defaults
+    (:class:`FineTuneConfig`), except no channel masks and no frozen-encoder phase; ``class_weighting`` and the
+    validation metrics beyond accuracy are ours. One process, fp32, ``update_freq`` 1 unless set.
+    """
+
+    model: ClassificationModelConfig = field(default_factory=ClassificationModelConfig)
+    """The checkpoint to start from, the encoder's fine-tuning settings and the head's."""
+    data: ClassificationDataConfig = field(default_factory=_classification_data)
+    """Audio and labels: manifests with ``{split}.{data.labels}`` beside them, crops, batching."""
+    label_dictionary: Optional[str] = None
+    """The classes (``dict.lang.txt``: ``label count`` lines, line order = class index); None = a classification
+    ``model.init_from``'s own labels (a ``dict.lang.txt`` beside the manifest that differs is ignored with a
+    warning), else the ``dict.{data.labels}.txt`` beside the training manifest, else one built from the training
+    labels (most frequent first, ties by name). Saved to output_dir with the training counts either way. A label
+    missing from it is an error naming the label file and line."""
+    class_weighting: str = "none"
+    """Class imbalance: ``none`` (every utterance counts the same) or ``balanced``: the training loss weights class c
+    by N / (C * n_c) (n_c its training utterances, N all of them, C the classes; a class without training
+    utterances weighs 1), so each class contributes as if the classes were equally frequent. The validation loss
+    is never weighted."""
+    optim: ClassificationOptimConfig = field(default_factory=ClassificationOptimConfig)
+    """Optimizer and schedule."""
+    checkpoint: CheckpointConfig = field(default_factory=_classification_checkpoint)
+    """Saving, keep-last, resume, and the best model by validation ``accuracy`` (``best_metric``: accuracy,
+    macro_f1 or loss; set ``maximize_best_metric`` to match)."""
+    output_dir: str = "runs/classification"
+    """Where config.yaml, metrics.jsonl, dict.lang.txt, confusion_matrix.png, checkpoints/ and model/ go."""
+    task: str = "classification"
+    """``classification`` (this config) or ``ctc`` (:class:`FineTuneConfig`), chosen on the command line."""
+
+    def __post_init__(self) -> None:
+        if self.task != "classification":
+            raise ValueError(f"task={self.task!r}: this is the classification config; task must be one of "
+                             f"{sorted(TASKS)}")
+        if self.class_weighting not in ("none", "balanced"):
+            raise ValueError(f"class_weighting must be 'none' or 'balanced', got {self.class_weighting!r}")
+
+
+TASKS = {"ctc": ("finetune", FineTuneConfig), "classification": ("finetune_classification",
+                                                                   ClassificationFineTuneConfig)}
+"""``task=`` on the command line -> (``xlsr/conf/<name>.yaml``, its schema)."""
 
 
 def register_configs() -> None:
-    """Register the schema with hydra so ``xlsr/conf/finetune.yaml`` is validated against it."""
-    ConfigStore.instance().store(name="finetune_schema", node=FineTuneConfig)
+    """Register the schemas with hydra so ``xlsr/conf/finetune*.yaml`` are validated against them."""
+    for config_name, schema in TASKS.values():
+        ConfigStore.instance().store(name=f"{config_name}_schema", node=schema)
 
 
-def compose_config(overrides: list[str] | None = None) -> FineTuneConfig:
-    """The config ``python -m xlsr.finetune`` would use with these command-line overrides."""
+def task_of(arguments: list[str] | None) -> str:
+    """The ``task=`` of command-line overrides ("ctc" without one); ValueError for an unknown task."""
+    task = "ctc"
+    for argument in arguments or []:
+        key, _, value = argument.partition("=")
+        if key.lstrip("+") == "task":
+            task = value
+    if task not in TASKS:
+        raise ValueError(f"task={task!r}: must be one of {', '.join(sorted(TASKS))}")
+    return task
+
+
+def compose_config(overrides: list[str] | None = None) -> FineTuneConfig | ClassificationFineTuneConfig:
+    """The config ``python -m xlsr.finetune`` would use with these command-line overrides (``task=`` picks which)."""
     register_configs()
-    return compose_app_config("finetune", FineTuneConfig, overrides)
+    config_name, schema = TASKS[task_of(overrides)]
+    return compose_app_config(config_name, schema, overrides)
