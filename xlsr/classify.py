@@ -43,6 +43,8 @@ from xlsr.finetune.classification_scores import classification_scores
 from xlsr.finetune.labels import label_path
 from xlsr.inference import (
     InputError,
+    add_input_arguments,
+    check_input_arguments,
     iter_audio_batches,
     length_sorted_batches,
     manifest_paths,
@@ -158,34 +160,23 @@ def _table_row(record: dict) -> str:
 def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xlsr.classify", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="classification checkpoint (Hugging Face folder, fairseq .pt, or ours)")
-    parser.add_argument("audio", nargs="*", help="audio files")
-    parser.add_argument("--manifest", help="a fairseq manifest (train.tsv layout) of more files")
+    add_input_arguments(parser, "classification checkpoint (Hugging Face folder, fairseq .pt, or ours)",
+                        output_help="JSON lines file (default: a table on standard output)",
+                        resume_help="keep the results already in --output and classify only the other files")
     parser.add_argument("--top-k", type=int, default=5, help="labels (with probabilities) per file (default 5)")
     parser.add_argument("--crop-seconds", type=float, default=10.0,
                         help="score longer files on crops of this length, logits averaged (default 10; 0 = off)")
     parser.add_argument("--score", action="store_true",
                         help="accuracy and macro-F1 against the labels beside --manifest (test.tsv -> test.lang)")
     parser.add_argument("--labels", default="lang", help="extension of the label file of --score (default lang)")
-    parser.add_argument("--batch-seconds", type=float, default=60.0, help="padded audio per batch (default 60)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--output", help="JSON lines file (default: a table on standard output)")
-    parser.add_argument("--resume", action="store_true",
-                        help="keep the results already in --output and classify only the other files")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(list(argv) if argv is not None else None)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
-    if args.score and (args.manifest is None or args.audio):
-        parser.error("--score scores the files of --manifest against its labels: give --manifest and no audio files")
-    if args.resume and args.output is None:
-        parser.error("--resume needs --output (the file to continue)")
+    check_input_arguments(parser, args)
     if args.top_k < 1:
         parser.error(f"--top-k must be positive, got {args.top_k}")
-    if args.crop_seconds < 0 or args.batch_seconds <= 0:
-        parser.error("--crop-seconds must be >= 0 (0 = whole files) and --batch-seconds positive")
-    if not args.audio and not args.manifest:
-        parser.error("no audio: give files and/or --manifest")
+    if args.crop_seconds < 0:
+        parser.error("--crop-seconds must be >= 0 (0 = whole files)")
     try:
         paths = list(args.audio) + (manifest_paths(args.manifest) if args.manifest else [])
         references = _references(args.manifest, args.labels, len(paths)) if args.score else None

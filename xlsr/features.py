@@ -47,7 +47,8 @@ from xlsr.checkpoints.ctc import is_ctc_checkpoint
 from xlsr.checkpoints.hub import resolve_checkpoint_path
 from xlsr.classification import Wav2Vec2ForSequenceClassification
 from xlsr.ctc import Wav2Vec2ForCTC
-from xlsr.inference import InputError, iter_audio_batches, manifest_paths, pad_batch
+from xlsr.inference import (InputError, add_input_arguments, check_input_arguments, iter_audio_batches,
+                             manifest_paths, pad_batch)
 from xlsr.manifest import read_manifest
 from xlsr.model import Wav2Vec2Model
 
@@ -208,9 +209,7 @@ def _parse_layers(text: str, num_layers: int) -> list[int]:
 def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xlsr.features", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="any checkpoint: pretrained, CTC or classification (fairseq .pt, HF, ours)")
-    parser.add_argument("audio", nargs="*", help="audio files")
-    parser.add_argument("--manifest", help="a fairseq manifest (train.tsv layout) of more files")
+    add_input_arguments(parser, "any checkpoint: pretrained, CTC or classification (fairseq .pt, HF, ours)")
     parser.add_argument("--layer", required=True, help="hidden state L (transformers' hidden_states[L]) or all")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--format", choices=("npy", "safetensors"), default="npy",
@@ -218,13 +217,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--split", help="npy file names (default: the manifest's name, else 'train')")
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                         help="stored precision (computed in float32)")
-    parser.add_argument("--batch-seconds", type=float, default=60.0, help="padded audio per batch (default 60)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(list(argv) if argv is not None else None)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    if not args.audio and not args.manifest:
-        parser.error("no audio: give files and/or --manifest")
+    check_input_arguments(parser, args)
     split = args.split or (Path(args.manifest).stem if args.manifest else "train")
     try:
         paths = list(args.audio) + (manifest_paths(args.manifest) if args.manifest else [])

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import logging
@@ -34,6 +35,35 @@ __all__ = ["InputError", "AudioBatch", "manifest_paths", "length_sorted_batches"
 
 class InputError(Exception):
     """A bad manifest, label or output file: one line on standard error, exit status 2."""
+
+
+def add_input_arguments(parser: argparse.ArgumentParser, model_help: str, *, output_help: str | None = None,
+                        resume_help: str | None = None) -> None:
+    """The arguments every inference tool takes: ``model``, ``audio...``, ``--manifest``, ``--batch-seconds``,
+    ``--device``, ``--no-progress``; with ``output_help`` also ``--output``, with ``resume_help`` ``--resume``."""
+    parser.add_argument("model", help=model_help)
+    parser.add_argument("audio", nargs="*", help="audio files")
+    parser.add_argument("--manifest", help="a fairseq manifest (train.tsv layout) of more files")
+    parser.add_argument("--batch-seconds", type=float, default=60.0, help="padded audio per batch (default 60)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    if output_help is not None:
+        parser.add_argument("--output", help=output_help)
+    if resume_help is not None:
+        parser.add_argument("--resume", action="store_true", help=resume_help)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def check_input_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``parser.error`` (exit 2, one line) for the inputs :func:`add_input_arguments` added: no audio at all,
+    ``--score`` without ``--manifest`` or with files, ``--resume`` without ``--output``, ``--batch-seconds`` <= 0."""
+    if not args.audio and not args.manifest:
+        parser.error("no audio: give files and/or --manifest")
+    if getattr(args, "score", False) and (args.manifest is None or args.audio):
+        parser.error("--score scores the files of --manifest against its labels: give --manifest and no audio files")
+    if getattr(args, "resume", False) and args.output is None:
+        parser.error("--resume needs --output (the file to continue)")
+    if args.batch_seconds <= 0:
+        parser.error(f"--batch-seconds must be positive, got {args.batch_seconds}")
 
 
 def manifest_paths(manifest: str) -> list[str]:

@@ -48,6 +48,8 @@ from xlsr.finetune.labels import label_path, read_labels
 from xlsr.finetune.wer import error_counts
 from xlsr.inference import (
     InputError,
+    add_input_arguments,
+    check_input_arguments,
     iter_audio_batches,
     manifest_paths,
     open_results,
@@ -148,19 +150,13 @@ def _score_line(pairs: list[tuple[str, str]], failed: int, unreferenced: int, la
 def main(argv: Iterable[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xlsr.transcribe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model", help="fine-tuned checkpoint (fairseq .pt, Hugging Face folder, or ours)")
-    parser.add_argument("audio", nargs="*", help="audio files")
-    parser.add_argument("--manifest", help="a fairseq manifest (train.tsv layout) of more files")
+    add_input_arguments(parser, "fine-tuned checkpoint (fairseq .pt, Hugging Face folder, or ours)",
+                        output_help="JSON lines file (default: standard output)",
+                        resume_help="keep the transcripts already in --output and transcribe only the other files")
     parser.add_argument("--score", action="store_true",
                         help="WER/CER against the labels beside --manifest (test.tsv -> test.ltr / test.wrd)")
     parser.add_argument("--labels", choices=("ltr", "wrd"), default="ltr",
                         help="label file of --score: letters (.ltr, default) or words (.wrd)")
-    parser.add_argument("--batch-seconds", type=float, default=60.0, help="padded audio per batch (default 60)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--output", help="JSON lines file (default: standard output)")
-    parser.add_argument("--resume", action="store_true",
-                        help="keep the transcripts already in --output and transcribe only the other files")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--lm", help="KenLM n-gram model (ARPA or binary) for beam search (default: greedy)")
     parser.add_argument("--lm-alpha", type=float, default=0.5, help="LM weight (default 0.5)")
     parser.add_argument("--lm-beta", type=float, default=1.0, help="word insertion bonus (default 1.0)")
@@ -168,14 +164,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     args = parser.parse_args(list(argv) if argv is not None else None)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
-    if args.score and (args.manifest is None or args.audio):
-        parser.error("--score scores the files of --manifest against its labels: give --manifest and no audio files")
-    if args.resume and args.output is None:
-        parser.error("--resume needs --output (the file to continue)")
+    check_input_arguments(parser, args)
     if args.beam_width < 1:
         parser.error(f"--beam-width must be positive, got {args.beam_width}")
-    if not args.audio and not args.manifest:
-        parser.error("no audio: give files and/or --manifest")
     try:
         paths = list(args.audio) + (manifest_paths(args.manifest) if args.manifest else [])
         references = _references(args.manifest, args.labels, len(paths)) if args.score else None
