@@ -169,7 +169,10 @@ class ClassificationTask(Task):
             return labels, counts
         if beside and Path(beside).is_file():
             return read_label_dictionary(beside), counts
-        where = f"{train_data} ({label_field(cfg.data)[0]})" if other_source else train_data
+        where = train_data
+        if other_source:  # the dataset's path too, and the column or field
+            where = (f"{cfg.data.hf_dataset} ({train_data})" if cfg.data.hf_dataset else train_data) + \
+                f", {label_field(cfg.data)[0]!r}"
         logger.info("%s: building the %d classes from the labels of %s", f"no {beside}" if beside else "no dictionary",
                     len(counts), where)
         self.dictionary_file = f"the classes of {where}"
