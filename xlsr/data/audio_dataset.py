@@ -152,8 +152,10 @@ class AudioDataConfig:
     sizes); None = read every row's header at start (no decoding)."""
 
     label_column: Optional[str] = None
-    """With ``hf_dataset``: the column of class labels (strings), for a classification task
-    (``HFAudioDataset.labels``); pretraining and CTC ignore it."""
+    """Classification on other data than manifests: where each utterance's class label is, with ``hf_dataset`` the
+    column (strings), with ``lhotse_cuts`` / ``lhotse_shar`` the cut's custom field (else its first supervision's).
+    None: the name in ``labels`` (``lang``, the field ``--to-shar`` writes from ``train.lang``). Pretraining and CTC
+    ignore it (CTC's Lhotse transcript field is ``lhotse_text_field``)."""
 
 
 @dataclass

@@ -264,9 +264,11 @@ class HFAudioDataset(AudioDataset):
         """
         return column_strings(self.dataset, self.name, column, key)
 
-    def labels(self, column: str) -> list[str]:
-        """The class label of every dataset row (``data.label_column``; for classification)."""
-        return self.column_strings(column, "data.label_column")
+    def labels(self, column: str, key: str = "data.label_column") -> list[str]:
+        """The class label of every dataset row, as stored (``data.label_column``; for classification, which
+        cleans them: :func:`xlsr.finetune.classification_data.clean_class_labels`); ``key``: the config key that
+        named ``column``."""
+        return self.column_strings(column, key)
 
     def row_names(self) -> list[str]:
         """``{dataset}:{split}[{row}]`` of every dataset row, in order (where a transcript came from)."""

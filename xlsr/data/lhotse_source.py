@@ -14,7 +14,9 @@ through :func:`xlsr.audio.prepare_waveform` (checks, downmix, soxr resampling to
 
 Targets (CTC) are the cut's transcript: its supervisions' text joined by spaces (words), or the custom field
 ``data.lhotse_text_field`` of the cut (or of its first supervision), in ``data.labels`` form (``wrd`` or ``ltr``),
-encoded by the same dictionary code as a manifest's label files (:mod:`xlsr.vocabulary`).
+encoded by the same dictionary code as a manifest's label files (:mod:`xlsr.vocabulary`). Classification targets
+are a custom field too (``data.label_column``, else ``data.labels``:
+:class:`xlsr.finetune.classification_data.CutLabels`).
 
 ``lhotse`` is an optional dependency (``pip install 'xlsr[lhotse]'``), imported only here.
 """
@@ -55,6 +57,7 @@ __all__ = [
     "SHAR_SCHEME",
     "is_lhotse_source",
     "cut_num_samples",
+    "cut_custom_field",
     "cut_transcript",
     "CutTranscripts",
     "CutItems",
@@ -62,6 +65,7 @@ __all__ = [
     "SharBatchLoader",
     "shar_shards",
     "build_lhotse_loader",
+    "lhotse_cut_metadata",
     "lhotse_transcripts",
     "pretraining_shar_loader",
 ]
@@ -94,6 +98,22 @@ def cut_num_samples(cut, sample_rate: int) -> int:
     return int(compute_num_samples(cut.duration, sample_rate))
 
 
+def cut_custom_field(cut, name: str, key: str) -> str:
+    """The custom field ``name`` of ``cut``, else of its first supervision, as a string in Unicode NFC.
+
+    Args:
+        key: the config key that named the field (in the error).
+
+    Raises:
+        LabelError: the field is on neither (the cut id and ``key`` named).
+    """
+    for holder in (cut, *cut.supervisions[:1]):
+        custom = getattr(holder, "custom", None) or {}
+        if name in custom:
+            return normalize_unicode(str(custom[name]))
+    raise LabelError(f"cut {cut.id}: no custom field {name!r} ({key}) on it or its supervision")
+
+
 def cut_transcript(cut, text_field: Optional[str] = None) -> str:
     """The transcript of ``cut`` in Unicode NFC: its supervisions' text joined by spaces (``text_field`` None), or
     the custom field ``text_field`` of the cut, else of its first supervision ("" when there is none).
@@ -103,12 +123,7 @@ def cut_transcript(cut, text_field: Optional[str] = None) -> str:
     """
     if text_field is None:
         return normalize_unicode(" ".join(s.text for s in cut.supervisions if s.text))
-    for holder in (cut, *cut.supervisions[:1]):
-        custom = getattr(holder, "custom", None) or {}
-        if text_field in custom:
-            return normalize_unicode(str(custom[text_field]))
-    raise LabelError(f"cut {cut.id}: no custom field {text_field!r} (data.lhotse_text_field) on it or its "
-                     "supervision")
+    return cut_custom_field(cut, text_field, "data.lhotse_text_field")
 
 
 class CutTranscripts:
@@ -158,8 +173,10 @@ class CutItems:
         crop: see ``max_sample_size``.
         normalize: zero-mean unit-variance per utterance (before cropping, as fairseq).
         skip_bad: an unreadable cut is skipped (None, counted) instead of raising.
-        targets: cut -> target indices (CTC, :class:`CutTranscripts`), None for pretraining.
-        collater: loaded items -> batch for CTC (``collate_ctc`` with the pad index); None = pretraining's
+        targets: cut -> target indices (CTC: :class:`CutTranscripts`; classification: ``[class index]``,
+            :class:`~xlsr.finetune.classification_data.CutLabels`), None for pretraining.
+        collater: loaded items -> batch for fine-tuning (``collate_ctc`` with the pad index, or
+            ``collate_classification``); None = pretraining's
             :func:`~xlsr.data.audio_dataset.collate` with ``pad``.
         pad: pretraining's collate: zero-pad to the longest (True) or crop to the shortest.
     """
@@ -631,9 +648,9 @@ def build_lhotse_loader(name: str, cfg, items: CutItems, *, seed: int, epoch: in
     raise ValueError(f"not a Lhotse data name: {name!r}")
 
 
-def lhotse_transcripts(name: str, transcripts: CutTranscripts) -> list[list[str]]:
-    """Letter tokens of every non-empty transcript of a Lhotse data name (metadata only: no audio is read), e.g.
-    to build a dictionary."""
+def lhotse_cut_metadata(name: str) -> Iterator:
+    """Every cut of a Lhotse data name (``lhotse-cuts:PATH`` or ``lhotse-shar:DIR``: its shards in order) from
+    the cut manifests alone: no audio is read (e.g. to build a dictionary)."""
     lhotse = _import_lhotse()
     if name.startswith(CUTS_SCHEME):
         paths = [name[len(CUTS_SCHEME):]]
@@ -643,12 +660,14 @@ def lhotse_transcripts(name: str, transcripts: CutTranscripts) -> list[list[str]
         paths = [cuts for cuts, _ in shar_shards(name[len(SHAR_SCHEME):])]
     else:
         raise ValueError(f"not a Lhotse data name: {name!r}")
-    rows = []
     for path in paths:
-        for cut in lhotse.CutSet.from_jsonl_lazy(path):
-            if tokens := transcripts.tokens(cut):
-                rows.append(tokens)
-    return rows
+        yield from lhotse.CutSet.from_jsonl_lazy(path)
+
+
+def lhotse_transcripts(name: str, transcripts: CutTranscripts) -> list[list[str]]:
+    """Letter tokens of every non-empty transcript of a Lhotse data name (metadata only: no audio is read), e.g.
+    to build a dictionary."""
+    return [tokens for cut in lhotse_cut_metadata(name) if (tokens := transcripts.tokens(cut))]
 
 
 def pretraining_shar_loader(shar_dir: str, *, max_tokens: int = 1_200_000, max_sample_size: int = 320_000,

@@ -182,13 +182,15 @@ class ClassificationFineTuneConfig(RunConfig):
     model: ClassificationModelConfig = field(default_factory=ClassificationModelConfig)
     """The checkpoint to start from, the encoder's fine-tuning settings and the head's."""
     data: ClassificationDataConfig = field(default_factory=_classification_data)
-    """Audio and labels: manifests with ``{split}.{data.labels}`` beside them, crops, batching."""
+    """Audio and labels: manifests with ``{split}.{data.labels}`` beside them, or a Hugging Face dataset with a label
+    column, or Lhotse cuts / Shar shards with a label field (``data.label_column``); crops, batching."""
     label_dictionary: Optional[str] = None
     """The classes (``dict.lang.txt``: ``label count`` lines, line order = class index); None = a classification
     ``model.init_from``'s own labels (a ``dict.lang.txt`` beside the manifest that differs is ignored with a
     warning), else the ``dict.{data.labels}.txt`` beside the training manifest, else one built from the training
-    labels (most frequent first, ties by name). Saved to output_dir with the training counts either way. A label
-    missing from it is an error naming the label file and line."""
+    labels (most frequent first, ties by name; with ``data.hf_dataset`` or Lhotse data always built so, from the
+    training split's column or the cuts' field). Saved to output_dir with the training counts either way. A label
+    missing from it is an error naming the label file and line (the dataset, split and row; the cut id)."""
     class_weighting: str = "none"
     """Class imbalance: ``none`` (every utterance counts the same) or ``balanced``: the training loss weights class c
     by N / (C * n_c) (n_c its training utterances, N all of them, C the classes; a class without training

@@ -25,13 +25,17 @@ from xlsr.checkpoints.classification import is_classification_checkpoint
 from xlsr.checkpoints.hub import resolve_checkpoint_path
 from xlsr.classification import ClassificationOutput, Wav2Vec2ForSequenceClassification
 from xlsr.data.batch import AudioBatch, ClassificationBatch
+from xlsr.data.audio_dataset import check_data_source
+from xlsr.data.lhotse_source import is_lhotse_source
+from xlsr.data.source import is_hf_source, training_data
 from xlsr.finetune.classification_data import (
     build_classification_loader,
     count_labels,
     dictionary_order,
     label_dictionary_path,
-    read_class_labels,
+    label_field,
     read_label_dictionary,
+    training_labels,
     write_label_dictionary,
 )
 from xlsr.finetune.classification_scores import confusion_metrics
@@ -140,13 +144,16 @@ class ClassificationTask(Task):
     def _label_names(self, cfg: ClassificationFineTuneConfig) -> tuple[list[str], Any]:
         """The classes in index order (the same on every rank), the first of: ``cfg.label_dictionary``; the labels
         of a classification ``model.init_from``; ``dict.{labels}.txt`` beside the (first) training manifest; the
-        training labels, most frequent first. Also returns the training labels' counts."""
-        first_manifest = cfg.data.manifest.split(",")[0].strip()
-        if not Path(first_manifest).is_file():  # named before the checkpoint is looked at
+        training labels, most frequent first (a dataset split's or the cuts' labels for ``data.hf_dataset`` and
+        Lhotse data, which have no dictionary beside them). Also returns the training labels' counts."""
+        check_data_source(cfg.data)
+        train_data = training_data(cfg.data)
+        other_source = is_hf_source(train_data) or is_lhotse_source(train_data)
+        first_manifest = train_data.split(",")[0].strip()
+        if not other_source and not Path(first_manifest).is_file():  # named before the checkpoint is looked at
             raise FileNotFoundError(f"data.manifest={first_manifest}: no such file")
-        counts = count_labels([label for manifest in cfg.data.manifest.split(",") if manifest.strip()
-                               for label in read_class_labels(manifest.strip(), cfg.data.labels)])
-        beside = label_dictionary_path(first_manifest, cfg.data.labels)
+        counts = count_labels(training_labels(cfg.data, train_data))
+        beside = None if other_source else label_dictionary_path(first_manifest, cfg.data.labels)
         self._continue = is_classification_checkpoint(resolve_checkpoint_path(cfg.model.init_from))
         self.dictionary_file = cfg.label_dictionary or beside
         if cfg.label_dictionary:
@@ -156,14 +163,19 @@ class ClassificationTask(Task):
         if self._continue:
             labels = Wav2Vec2ForSequenceClassification.from_pretrained(cfg.model.init_from).labels
             self.dictionary_file = f"the labels of {cfg.model.init_from}"
-            if Path(beside).is_file() and read_label_dictionary(beside) != labels:
+            if beside and Path(beside).is_file() and read_label_dictionary(beside) != labels:
                 logger.warning("%s differs from the labels of the classification model %s (%d classes): training "
                                "on the model's labels", beside, cfg.model.init_from, len(labels))
             return labels, counts
-        if Path(beside).is_file():
+        if beside and Path(beside).is_file():
             return read_label_dictionary(beside), counts
-        logger.info("no %s: building the %d classes from the labels of %s", beside, len(counts), cfg.data.manifest)
-        self.dictionary_file = f"the classes of {cfg.data.manifest}"
+        where = train_data
+        if other_source:  # the dataset's path too, and the column or field
+            where = (f"{cfg.data.hf_dataset} ({train_data})" if cfg.data.hf_dataset else train_data) + \
+                f", {label_field(cfg.data)[0]!r}"
+        logger.info("%s: building the %d classes from the labels of %s", f"no {beside}" if beside else "no dictionary",
+                    len(counts), where)
+        self.dictionary_file = f"the classes of {where}"
         return dictionary_order(counts), counts
 
     def _class_weights(self) -> torch.Tensor | None:
