@@ -95,6 +95,7 @@ def lid_and_report(corpus: Path, pretrained: Path, output_dir: Path, minutes: fl
     for name, run in runs.items():
         valid = run["valid"]
         print(f"  {name:<16} {run['updates']:>8} {valid['accuracy']:>9.3f} {valid.get('macro_f1', 0.0):>9.3f}")
+    pngs = [str(run["png"]) for run in runs.values() if os.path.isfile(run["png"])]
     print(f"  chance: {1 / len(counts):.3f} (uniform guess); confusion matrices: "
-          f"{', '.join(str(run['png']) for run in runs.values() if os.path.isfile(run['png']))}")
+          + (", ".join(pngs) if pngs else "in the log above (pip install -e '.[plot]' for PNGs)"))
     return {**runs, "counts": counts}
