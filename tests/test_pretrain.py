@@ -356,7 +356,7 @@ def test_bad_file_in_manifest_is_skipped_and_counted(corpus, tmp_path, caplog):
     out = tmp_path / "run"
     from xlsr.audio import AudioWarning
 
-    caplog.set_level("INFO", logger="xlsr.pretrain")
+    caplog.set_level("INFO", logger="xlsr")
     with pytest.warns(AudioWarning, match="broken.wav: cannot decode"):
         trainer = run_in_process(compose_config(overrides(corpus, out, f"data.manifest={manifest}", "max_epoch=1",
                                                           "optim.max_update=1000")))
@@ -390,7 +390,7 @@ def test_step_in_backward_refuses_what_it_cannot_do(corpus, tmp_path, setting):
 
 
 def test_last_update_is_logged_and_each_epoch_ends_with_a_summary(corpus, tmp_path, caplog):
-    caplog.set_level("INFO", logger="xlsr.pretrain")
+    caplog.set_level("INFO", logger="xlsr")
     out = tmp_path / "run"
     trainer = run_in_process(compose_config(overrides(corpus, out, "optim.max_update=13", "log_interval=10")))
     assert [r["update"] for r in train_records(out)] == [1, 10, 13]  # the last update of a run is always logged
@@ -406,7 +406,7 @@ def test_last_update_is_logged_and_each_epoch_ends_with_a_summary(corpus, tmp_pa
 
 def test_fp16_overflow_makes_no_update_and_no_checkpoint_or_log_for_it(corpus, tmp_path, caplog):
     """An overflowing fp16 step is skipped; logging, validation and saving fire only on real updates."""
-    caplog.set_level("WARNING", logger="xlsr.pretrain")
+    caplog.set_level("WARNING", logger="xlsr")
     out = tmp_path / "fp16"
     trainer = run_in_process(compose_config(overrides(
         corpus, out, "precision=fp16", "optim.fp16_init_scale=262144", "optim.max_update=2", "data.max_tokens=32000",
@@ -455,7 +455,7 @@ def test_unreadable_newest_checkpoint_falls_back_to_the_one_before(corpus, tmp_p
                                             "stop_at_update=4")))
     newest = out / "checkpoints" / "checkpoint_4.pt"
     newest.write_bytes(newest.read_bytes()[:1000])  # a damaged file
-    caplog.set_level("WARNING", logger="xlsr.pretrain")
+    caplog.set_level("WARNING", logger="xlsr")
     trainer = run_in_process(compose_config(overrides(corpus, out, "optim.max_update=4",
                                                       "checkpoint.save_interval_updates=2", "stop_at_update=3")))
     assert any("checkpoint_4.pt" in r.getMessage() for r in caplog.records)
@@ -471,7 +471,7 @@ def test_keep_last_rotation(corpus, tmp_path):
 
 
 def test_max_time_minutes_stops_cleanly_with_a_checkpoint(corpus, tmp_path, caplog):
-    caplog.set_level("INFO", logger="xlsr.pretrain")
+    caplog.set_level("INFO", logger="xlsr")
     out = tmp_path / "run"
     trainer = run_in_process(compose_config(overrides(corpus, out, "optim.max_update=100000", "max_time_minutes=0.02",
                                                       "checkpoint.save_interval_updates=100000")))
@@ -534,7 +534,7 @@ def test_clip_norm_clips_the_gradient(corpus, tmp_path, monkeypatch):
 def test_collapse_and_saturation_warnings(tmp_path, caplog):
     from xlsr.tasks.pretraining import CodebookHealth
 
-    caplog.set_level("WARNING", logger="xlsr.pretrain")
+    caplog.set_level("WARNING", logger="xlsr")
     log = CodebookHealth(enabled=True)
     log.check_health(500, {"code_perplexity": 40.0, "accuracy": 0.4}, num_codevectors=640)
     assert not caplog.records

@@ -71,7 +71,7 @@ def resume(corpus, run: Path, tmp_path, caplog) -> Path:
     """A copy of ``run`` resumed (to update 4); returns its folder."""
     out = tmp_path / "run"
     shutil.copytree(run, out)
-    caplog.set_level("INFO", logger="xlsr.pretrain")
+    caplog.set_level("INFO", logger="xlsr")
     Trainer(compose_config(overrides(corpus, out))).train()
     assert "resumed from" in caplog.text and "update 2" in caplog.text
     assert not (out / "previous_runs").exists()  # resumed, not started again
@@ -112,7 +112,7 @@ def test_drop_after_ends_the_file_with_a_line_end(tmp_path, caplog):
     log.log("train", 3, {"loss": 1.0})
     assert [json.loads(line)["update"] for line in log.path.read_text().splitlines()] == [1, 2, 3]
     log.path.write_text('{"update": 1}\nnot json\n{"update": 2}\n')  # damaged inside: dropped and named, no error
-    with caplog.at_level("WARNING", logger="xlsr.pretrain"):
+    with caplog.at_level("WARNING", logger="xlsr"):
         log.drop_after(5)
     assert "1 line(s) that are not JSON records (lines 2)" in caplog.text
     assert log.path.read_text() == '{"update": 1}\n{"update": 2}\n'
@@ -282,7 +282,7 @@ def checkpoint_rng(num_cuda_states: int) -> dict:
 def test_cuda_rng_states_restored_on_another_number_of_gpus(monkeypatch, caplog, saved, visible):
     cuda = FakeCuda(monkeypatch, count=visible)
     state = checkpoint_rng(saved)
-    with caplog.at_level(logging.WARNING, logger="xlsr.pretrain"):
+    with caplog.at_level(logging.WARNING, logger="xlsr"):
         assert checkpointing.restore_progress(state, torch.amp.GradScaler("cpu", enabled=False)) == (7, 2, 3)
     restored = min(saved, visible)
     assert sorted(cuda.rng) == list(range(restored))

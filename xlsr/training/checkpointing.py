@@ -38,7 +38,7 @@ from xlsr.checkpoints.sharded import read_sharded_checkpoint
 from xlsr.checkpoints.training import TRAINING_CHECKPOINT_MARK, is_training_checkpoint
 from xlsr.files import write_atomic
 
-logger = logging.getLogger("xlsr.pretrain")
+logger = logging.getLogger("xlsr.training")
 
 _NAME = re.compile(r"^checkpoint_(\d+)(\.pt)?$")  # a file checkpoint_<N>.pt or a sharded folder checkpoint_<N>
 

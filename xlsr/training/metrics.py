@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from xlsr.files import write_text_atomic
 
-logger = logging.getLogger("xlsr.pretrain")
+logger = logging.getLogger("xlsr.training")
 
 
 class Totals:

@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-logger = logging.getLogger("xlsr.pretrain")
+logger = logging.getLogger("xlsr.training")
 
 LOCK_NAME = ".lock"
 

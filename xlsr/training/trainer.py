@@ -64,7 +64,7 @@ from xlsr.training.optim import (
     step_in_backward_conflicts,
 )
 
-logger = logging.getLogger("xlsr.pretrain")
+logger = logging.getLogger("xlsr.training")
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
