@@ -29,7 +29,6 @@ the results go to standard output)."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -45,6 +44,8 @@ from xlsr.inference import (
     InputError,
     add_input_arguments,
     check_input_arguments,
+    json_line,
+    write_results,
     iter_audio_batches,
     length_sorted_batches,
     manifest_paths,
@@ -208,30 +209,20 @@ def main(argv: Iterable[str] | None = None) -> int:
     if args.resume:
         logger.info("%s: %d of %d files already classified, %d to go", args.output, len(predicted), len(paths),
                     len(todo))
-    failed = 0
+
+    def fill(index: int, item, record: dict) -> None:
+        predicted[index] = item.label
+        record.update(label=item.label, score=item.top_k[0][1], crops=item.crops,
+                      top_k=[{"label": label, "score": score} for label, score in item.top_k])
+
     with open_results(args.output, args.resume, done) as stream:
         if args.output is None:
             stream.write("index\tpath\tlabel\tscore\ttop_k\n")
-        for results in iter_predictions(model, [paths[i] for i in todo], top_k=args.top_k,
-                                        crop_seconds=args.crop_seconds or None, batch_seconds=args.batch_seconds,
-                                        device=args.device, progress=not args.no_progress):
-            lines = []
-            for item in results:
-                index = todo[item.index]
-                record: dict = {"index": index, "path": item.path}
-                if item.error is not None:
-                    failed += 1
-                    logger.error("%s", item.error)
-                    record["error"] = item.error
-                else:
-                    predicted[index] = item.label
-                    record.update(label=item.label, score=item.top_k[0][1], crops=item.crops,
-                                  top_k=[{"label": label, "score": score} for label, score in item.top_k])
-                if references is not None:
-                    record["reference"] = references[index]
-                lines.append(json.dumps(record, ensure_ascii=False) + "\n" if args.output else _table_row(record))
-            stream.write("".join(lines))
-            stream.flush()
+        batches = iter_predictions(model, [paths[i] for i in todo], top_k=args.top_k,
+                                   crop_seconds=args.crop_seconds or None, batch_seconds=args.batch_seconds,
+                                   device=args.device, progress=not args.no_progress)
+        failed = write_results(stream, batches, todo, fill, references=references,
+                               format_line=json_line if args.output else _table_row, log=logger)
     if args.output:
         logger.info("wrote %d results to %s", len(todo) - failed, args.output)
     if failed:

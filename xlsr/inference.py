@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence, TextIO
+from typing import Any, Callable, Iterable, Iterator, Sequence, TextIO
 
 import torch
 from tqdm import tqdm
@@ -216,8 +216,48 @@ def open_results(output: str | None, resume: bool, kept: dict[str, dict]) -> Ite
         yield sys.stdout
         return
     if resume:
-        write_text_atomic(output, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in kept.values()))
+        write_text_atomic(output, "".join(json_line(record) for record in kept.values()))
     else:
         os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     with open(output, "a" if resume else "w", encoding="utf-8") as stream:
         yield stream
+
+
+def json_line(record: dict) -> str:
+    """One JSON line of a result (non-ASCII kept as is)."""
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+def write_results(stream: TextIO, batches: Iterable[Sequence[Any]], todo: Sequence[int],
+                  fill: Callable[[int, Any, dict], None], *, references: Sequence | None = None,
+                  format_line: Callable[[dict], str] = json_line, log: logging.Logger = logger) -> int:
+    """Write a record per result as each batch of results arrives (flushed per batch, so a stopped run keeps them).
+
+    Args:
+        batches: lists of results with ``index`` (into ``todo``), ``path`` and ``error`` (None when it worked).
+        todo: the input index of each result's ``index``.
+        fill: ``fill(input_index, result, record)`` adds a successful result's fields to its record.
+        references: per input index, added as ``"reference"`` when given.
+        log: the tool's logger, which logs each error.
+
+    Returns:
+        How many results were errors (each logged and written as an ``error`` record).
+    """
+    failed = 0
+    for results in batches:
+        lines = []
+        for item in results:
+            index = todo[item.index]
+            record: dict = {"index": index, "path": item.path}
+            if item.error is not None:
+                failed += 1
+                log.error("%s", item.error)
+                record["error"] = item.error
+            else:
+                fill(index, item, record)
+            if references is not None:
+                record["reference"] = references[index]
+            lines.append(format_line(record))
+        stream.write("".join(lines))
+        stream.flush()
+    return failed

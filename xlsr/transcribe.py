@@ -33,7 +33,6 @@ log-prob + ``--lm-alpha`` x LM log-prob + ``--lm-beta`` x words (pyctcdecode + k
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -50,6 +49,7 @@ from xlsr.inference import (
     InputError,
     add_input_arguments,
     check_input_arguments,
+    write_results,
     iter_audio_batches,
     manifest_paths,
     open_results,
@@ -209,25 +209,14 @@ def main(argv: Iterable[str] | None = None) -> int:
             todo.append(index)
     if args.resume:
         logger.info("%s: %d of %d files already transcribed, %d to go", args.output, len(texts), len(paths), len(todo))
-    failed = 0
+
+    def fill(index: int, item, record: dict) -> None:
+        texts[index] = record["text"] = item.text
+
     with open_results(args.output, args.resume, done) as stream:
-        for results in iter_transcripts(model, [paths[i] for i in todo], batch_seconds=args.batch_seconds,
-                                        device=args.device, progress=not args.no_progress, decoder=decoder):
-            lines = []
-            for item in results:
-                index = todo[item.index]
-                record: dict = {"index": index, "path": item.path}
-                if item.error is not None:
-                    failed += 1
-                    logger.error("%s", item.error)
-                    record["error"] = item.error
-                else:
-                    texts[index] = record["text"] = item.text
-                if references is not None:
-                    record["reference"] = references[index]
-                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-            stream.write("".join(lines))
-            stream.flush()
+        batches = iter_transcripts(model, [paths[i] for i in todo], batch_seconds=args.batch_seconds,
+                                   device=args.device, progress=not args.no_progress, decoder=decoder)
+        failed = write_results(stream, batches, todo, fill, references=references, log=logger)
     if args.output:
         logger.info("wrote %d transcripts to %s", len(todo) - failed, args.output)
     if failed:
